@@ -1,0 +1,65 @@
+"""pso_jax: particle swarm optimization in JAX over parameter pytrees.
+
+Every particle is one full set of parameters (a vector, a Flax params dict); the
+swarm is a pytree with a leading particle axis, and optimizers are pairs of pure
+functions, ``init`` and ``step``, in the manner of optax and blackjax.
+"""
+
+from pso_jax import objectives
+from pso_jax.base import StepInfo, SwarmOptimizer
+from pso_jax.bounds import BOUND_HANDLERS
+from pso_jax.minimize import (
+    STOP_REASONS,
+    Bounds,
+    MinimizeResult,
+    RunInfo,
+    minimize,
+    run,
+    scan_steps,
+    step_key,
+)
+from pso_jax.pso import (
+    RANDOM_FACTORS,
+    VARIANTS,
+    PSOConfig,
+    PSOHyperParams,
+    PSOState,
+    best_params,
+    pso,
+    validate_hparams,
+)
+from pso_jax.topology import TOPOLOGIES
+from pso_jax.velocity import (
+    PSOConvergenceWarning,
+    constriction_factor,
+    in_stability_region,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BOUND_HANDLERS",
+    "RANDOM_FACTORS",
+    "STOP_REASONS",
+    "TOPOLOGIES",
+    "VARIANTS",
+    "Bounds",
+    "MinimizeResult",
+    "PSOConfig",
+    "PSOConvergenceWarning",
+    "PSOHyperParams",
+    "PSOState",
+    "RunInfo",
+    "StepInfo",
+    "SwarmOptimizer",
+    "best_params",
+    "constriction_factor",
+    "in_stability_region",
+    "minimize",
+    "objectives",
+    "pso",
+    "run",
+    "scan_steps",
+    "step_key",
+    "validate_hparams",
+]

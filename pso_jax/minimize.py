@@ -1,0 +1,335 @@
+"""Loops over swarm steps on the device, and a one-call ``minimize``.
+
+- :func:`scan_steps`: a fixed number of steps under ``lax.scan``, returning every
+  step's :class:`~pso_jax.base.StepInfo`.
+- :func:`run`: steps under ``lax.while_loop`` until a step budget, a target
+  fitness, or a stall (best improving by less than ``ftol`` for ``patience``
+  steps), recording the best fitness after every step.
+- :func:`minimize`: ``scipy.optimize.minimize``-style entry point, with optional
+  IPOP-style restarts (Auger & Hansen, 2005, "A restart CMA evolution strategy with
+  increasing population size"): on a stall, start again with a swarm
+  ``restart_growth`` times larger, keeping the best found so far.
+
+Step ``i`` of a swarm always uses the key ``jax.random.fold_in(key, state.step)``,
+so a host loop, ``scan_steps``, ``run`` and a run resumed from a saved state give
+the same trajectory.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pso_jax.base import SwarmOptimizer
+from pso_jax.pso import PSOState, best_params, pso
+from pso_jax.types import PRNGKey, PyTree
+
+STOP_REASONS = ("max_steps", "target", "stall")
+
+
+class RunInfo(NamedTuple):
+    """What :func:`run` returns besides the state.
+
+    Attributes:
+      history: ``[num_steps]`` float32, best fitness after each step; NaN after
+        the loop stopped.
+      num_steps: ``()`` int32, steps taken.
+      stop_reason: ``()`` int32 index into :data:`STOP_REASONS`.
+    """
+
+    history: jax.Array
+    num_steps: jax.Array
+    stop_reason: jax.Array
+
+
+class MinimizeResult(NamedTuple):
+    """Result of :func:`minimize`.
+
+    Attributes:
+      best_params: the best parameters found (the template's structure).
+      best_fitness: their fitness, a Python float.
+      history: ``[steps]`` numpy array, best fitness so far after each step
+        (across restarts).
+      num_steps: steps taken in all.
+      num_evaluations: fitness evaluations in all.
+      num_restarts: IPOP restarts performed.
+      stop_reason: one of :data:`STOP_REASONS`.
+      state: the final swarm state of the last restart.
+    """
+
+    best_params: PyTree
+    best_fitness: float
+    history: np.ndarray
+    num_steps: int
+    num_evaluations: int
+    num_restarts: int
+    stop_reason: str
+    state: PSOState
+
+
+def step_key(key: PRNGKey, state: PSOState) -> PRNGKey:
+    """The key of the step the state is about to take."""
+    return jax.random.fold_in(key, state.step)
+
+
+def scan_steps(
+    key: PRNGKey,
+    optimizer: SwarmOptimizer,
+    state: PSOState,
+    hparams: Any,
+    num_steps: int,
+    batch: Any = None,
+):
+    """Run ``num_steps`` steps under ``lax.scan`` (same batch every step).
+
+    Returns:
+      ``(state, infos)``: the final state and the stacked per-step ``StepInfo``.
+    """
+
+    def body(st, _):
+        return optimizer.step(step_key(key, st), st, batch, hparams)
+
+    return jax.lax.scan(body, state, None, length=num_steps)
+
+
+def run(
+    key: PRNGKey,
+    optimizer: SwarmOptimizer,
+    state: PSOState,
+    hparams: Any,
+    *,
+    num_steps: int,
+    batch: Any = None,
+    target_fitness: float | jax.Array | None = None,
+    ftol: float | jax.Array = 0.0,
+    patience: int | jax.Array | None = None,
+) -> tuple[PSOState, RunInfo]:
+    """Step the swarm on the device until a budget, a target, or a stall.
+
+    Args:
+      key: a ``jax.random.key``; step ``i`` uses ``fold_in(key, state.step)``.
+      optimizer: from :func:`~pso_jax.pso.pso`.
+      state: the starting state.
+      hparams: a ``PSOHyperParams``.
+      num_steps: the step budget (static: it sizes the history buffer).
+      batch: passed to the fitness function every step.
+      target_fitness: stop once the best is at least this good.
+      ftol: a step "improves" only if the best gains more than this.
+      patience: stop after this many steps without such improvement.
+
+    Returns:
+      ``(state, RunInfo)``.
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps={num_steps}: must be >= 1")
+    maximize = optimizer.config.maximize
+    sign = -1.0 if maximize else 1.0
+    target = -jnp.inf if target_fitness is None else sign * jnp.float32(target_fitness)
+    patience_ = jnp.int32(2**31 - 1 if patience is None else patience)
+    ftol = jnp.float32(ftol)
+
+    def score(f):
+        return jnp.where(jnp.isnan(f), jnp.inf, sign * f)
+
+    def cond(carry):
+        _, i, stall, _, reason = carry
+        return (i < num_steps) & (reason == 0)
+
+    def body(carry):
+        st, i, stall, hist, _ = carry
+        prev = score(st.best_fitness)
+        st, _ = optimizer.step(step_key(key, st), st, batch, hparams)
+        now = score(st.best_fitness)
+        gained = (prev - now > ftol) | (jnp.isinf(prev) & jnp.isfinite(now))
+        stall = jnp.where(gained, 0, stall + 1)
+        hist = hist.at[i].set(st.best_fitness)
+        reason = jnp.where(now <= target, 1, jnp.where(stall >= patience_, 2, 0))
+        return st, i + 1, stall, hist, reason.astype(jnp.int32)
+
+    hist = jnp.full((num_steps,), jnp.nan, jnp.float32)
+    init = (state, jnp.int32(0), jnp.int32(0), hist, jnp.int32(0))
+    state, n, _, hist, reason = jax.lax.while_loop(cond, body, init)
+    return state, RunInfo(history=hist, num_steps=n, stop_reason=reason)
+
+
+class Bounds(NamedTuple):
+    """Box bounds ``(low, high)``: arrays or pytrees with the parameters' shapes."""
+
+    low: Any
+    high: Any
+
+
+def _split_init_or_bounds(init_or_bounds, num_dims):
+    """Return ``(template, bounds or None)``."""
+    if isinstance(init_or_bounds, Bounds) or (
+        isinstance(init_or_bounds, tuple) and len(init_or_bounds) == 2
+    ):
+        low, high = init_or_bounds
+        if np.ndim(low) == 0 and not jax.tree.structure(low).num_leaves > 1:
+            if num_dims is None:
+                raise ValueError(
+                    f"scalar bounds {tuple(init_or_bounds)} need num_dims= (or give "
+                    "low/high as arrays of the parameters' shape)"
+                )
+            low = jnp.full((num_dims,), low, jnp.float32)
+            high = jnp.full((num_dims,), high, jnp.float32)
+        try:
+            template = jax.tree.map(
+                lambda lo, hi: (jnp.asarray(lo, jnp.float32) + jnp.asarray(hi)) / 2,
+                low,
+                high,
+            )
+        except ValueError:
+            raise ValueError(
+                "bounds low and high must have the same structure, got "
+                f"{jax.tree.structure(low)} and {jax.tree.structure(high)}"
+            ) from None
+        return template, (low, high)
+    template = jax.tree.map(jnp.asarray, init_or_bounds)
+    if num_dims is not None:
+        raise ValueError("num_dims is only for scalar bounds; the initial point has a shape")
+    return template, None
+
+
+def minimize(
+    fitness_fn: Callable[[PyTree], jax.Array],
+    init_or_bounds: Any,
+    *,
+    key: PRNGKey,
+    num_particles: int = 32,
+    num_steps: int = 1000,
+    num_dims: int | None = None,
+    variant: str = "inertia",
+    topology: str | None = None,
+    target_fitness: float | None = None,
+    ftol: float = 0.0,
+    patience: int | None = None,
+    restarts: int = 0,
+    restart_growth: int = 2,
+    maximize: bool = False,
+    hparams: Any = None,
+    **pso_kwargs: Any,
+) -> MinimizeResult:
+    """Minimise (or maximise) ``fitness_fn`` with a particle swarm, in one call.
+
+    Args:
+      fitness_fn: ``fitness_fn(params) -> ()`` for ONE particle.
+      init_or_bounds: a :class:`Bounds` or ``(low, high)`` pair (the swarm starts
+        uniform in the box and stays in it), or an initial point (any pytree)
+        around which the swarm starts with spread ``init_scale``.
+      key: a ``jax.random.key``.
+      num_particles: swarm size (of the first run, with restarts).
+      num_steps: total step budget, across restarts.
+      num_dims: dimension, when the bounds are scalars.
+      variant, topology: see :func:`~pso_jax.pso.pso`.
+      target_fitness: stop once the best reaches it.
+      ftol, patience: stop (or restart) after ``patience`` steps in which the
+        best improved by no more than ``ftol``.
+      restarts: IPOP restarts allowed on a stall (needs ``patience``).
+      restart_growth: swarm size factor per restart.
+      maximize: maximise instead.
+      hparams: a ``PSOHyperParams``; default: the variant's.
+      **pso_kwargs: other arguments of :func:`~pso_jax.pso.pso` (bound handling,
+        velocity clamp, hyperparameter overrides, ...).
+
+    Returns:
+      A :class:`MinimizeResult`.
+
+    Raises:
+      ValueError: for invalid arguments, or a ``fitness_fn`` that does not return
+        a scalar, before anything is compiled.
+
+    >>> import jax, jax.numpy as jnp
+    >>> res = minimize(lambda x: jnp.sum(x**2), (-5.0, 5.0), num_dims=5,
+    ...                key=jax.random.key(0), num_particles=20, num_steps=200)
+    >>> res.best_fitness < 1e-6, res.history.shape
+    (True, (200,))
+    """
+    if not callable(fitness_fn):
+        raise ValueError(f"fitness_fn must be callable, got {fitness_fn!r}")
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps={num_steps!r}: must be an int >= 1")
+    if restarts < 0:
+        raise ValueError(f"restarts={restarts}: must be >= 0")
+    if restarts and patience is None:
+        raise ValueError("restarts need patience= (steps without improvement)")
+    if restart_growth < 1:
+        raise ValueError(f"restart_growth={restart_growth}: must be >= 1")
+    if patience is not None and patience < 1:
+        raise ValueError(f"patience={patience}: must be >= 1")
+    if ftol < 0:
+        raise ValueError(f"ftol={ftol}: must be >= 0")
+    template, bounds = _split_init_or_bounds(init_or_bounds, num_dims)
+    out = jax.eval_shape(fitness_fn, template)
+    if not hasattr(out, "shape") or out.shape != ():
+        raise ValueError(
+            "fitness_fn must return a scalar for one particle, got "
+            f"{getattr(out, 'shape', type(out))}"
+        )
+
+    def fit(params, _batch):
+        return fitness_fn(params)
+
+    sign = -1.0 if maximize else 1.0
+    history: list[np.ndarray] = []
+    best, best_fit = None, math.inf * sign
+    steps_left, steps_done, evals, size = num_steps, 0, 0, num_particles
+    reason, restarts_done, state = "max_steps", 0, None
+    for attempt in range(restarts + 1):
+        opt = pso(
+            fit,
+            num_particles=size,
+            variant=variant,
+            topology=topology,
+            bounds=bounds,
+            maximize=maximize,
+            **pso_kwargs,
+        )
+        hp = opt.default_hparams if hparams is None else hparams
+        key_run = jax.random.fold_in(key, attempt)
+        state = jax.jit(opt.init)(key_run, template, hp)
+
+        def go(k, st, h, target, tol, _opt=opt, _n=steps_left):
+            return run(
+                k, _opt, st, h, num_steps=_n, target_fitness=target, ftol=tol,
+                patience=patience,
+            )
+
+        # No target: one that can never be reached (-inf when minimising).
+        target = jnp.float32(
+            -sign * math.inf if target_fitness is None else target_fitness
+        )
+        state, info = jax.jit(go, donate_argnums=1)(key_run, state, hp, target, ftol)
+        n = int(info.num_steps)
+        hist = np.asarray(info.history[:n])
+        f_run = float(state.best_fitness)
+        if sign * f_run < sign * best_fit or best is None:
+            best, best_fit = best_params(state), f_run
+        history.append(hist)
+        steps_done += n
+        steps_left -= n
+        evals += n * size
+        reason = STOP_REASONS[int(info.stop_reason)]
+        if reason != "stall" or steps_left <= 0 or attempt == restarts:
+            break
+        restarts_done += 1
+        size *= restart_growth
+    hist_all = np.concatenate(history)
+    hist_all = (
+        np.maximum.accumulate(hist_all) if maximize else np.minimum.accumulate(hist_all)
+    )
+    return MinimizeResult(
+        best_params=best,
+        best_fitness=float(best_fit),
+        history=hist_all,
+        num_steps=steps_done,
+        num_evaluations=evals,
+        num_restarts=restarts_done,
+        stop_reason=reason,
+        state=state,
+    )

@@ -1,0 +1,77 @@
+"""Velocity rules, coefficients and their stability region.
+
+- Inertia weight: Shi & Eberhart (1998), "A modified particle swarm optimizer".
+  ``v <- w v + c1 r1 (p - x) + c2 r2 (n - x)``.
+- Constriction: Clerc & Kennedy (2002), "The particle swarm - explosion,
+  stability, and convergence in a multidimensional complex space".
+  ``v <- chi (v + c1 r1 (p - x) + c2 r2 (n - x))`` with
+  ``chi = 2 / |2 - phi - sqrt(phi^2 - 4 phi)|``, ``phi = c1 + c2 > 4``; for
+  ``c1 = c2 = 2.05``, ``chi ~= 0.7298``. It is the inertia rule with
+  ``(w, c1, c2) = (chi, chi c1, chi c2)``, which is how it is computed here.
+- Order-2 stability region: Poli (2009), "Mean and variance of the sampling
+  distribution of particle swarm optimizers during stagnation":
+  ``|w| < 1`` and ``c1 + c2 < 24 (1 - w^2) / (7 - 5 w)``.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import jax.numpy as jnp
+
+
+class PSOConvergenceWarning(UserWarning):
+    """(w, c1, c2) lie outside the order-2 stability region (Poli, 2009)."""
+
+
+def constriction_factor(c1, c2):
+    """Clerc-Kennedy constriction ``chi`` for ``phi = c1 + c2`` (NaN if phi <= 4).
+
+    >>> round(float(constriction_factor(2.05, 2.05)), 4)
+    0.7298
+    """
+    phi = jnp.asarray(c1 + c2, jnp.float32)
+    disc = jnp.maximum(phi * phi - 4.0 * phi, 0.0)
+    chi = 2.0 / jnp.abs(2.0 - phi - jnp.sqrt(disc))
+    return jnp.where(phi > 4.0, chi, jnp.nan)
+
+
+def effective_coefficients(variant: str, inertia, cognitive, social):
+    """The ``(w, c1, c2)`` that the inertia-form update uses for a variant."""
+    if variant == "constriction":
+        chi = constriction_factor(cognitive, social)
+        return chi, chi * cognitive, chi * social
+    return inertia, cognitive, social
+
+
+def in_stability_region(w: float, c1: float, c2: float) -> bool:
+    """Whether ``(w, c1, c2)`` satisfy Poli's (2009) order-2 stability condition.
+
+    >>> in_stability_region(0.7298, 1.49618, 1.49618)
+    True
+    >>> in_stability_region(0.9, 2.0, 2.0)
+    False
+    """
+    if not -1.0 < w < 1.0:
+        return False
+    return c1 + c2 < 24.0 * (1.0 - w * w) / (7.0 - 5.0 * w)
+
+
+def warn_if_unstable(variant: str, w: float, c1: float, c2: float) -> None:
+    """Warn (:class:`PSOConvergenceWarning`) outside the stability region."""
+    if variant not in ("inertia", "constriction", "spso2011"):
+        return
+    we, c1e, c2e = (float(v) for v in effective_coefficients(variant, w, c1, c2))
+    if not in_stability_region(we, c1e, c2e):
+        warnings.warn(
+            f"(w, c1, c2) = ({we:.4g}, {c1e:.4g}, {c2e:.4g}) (effective, variant "
+            f"{variant!r}) lie outside the order-2 stability region |w| < 1, "
+            "c1 + c2 < 24(1 - w^2)/(7 - 5w) (Poli, 2009): the swarm may diverge",
+            PSOConvergenceWarning,
+            stacklevel=3,
+        )
+
+
+def clamp(v, vmax):
+    """Clamp velocity componentwise to ``[-vmax, vmax]`` (``vmax`` may be inf)."""
+    return jnp.clip(v, -vmax, vmax)
