@@ -172,7 +172,7 @@ class PSOConfig:
     velocity_clamp: str | None
     maximize: bool
     stagnation: str | None
-    rng: str
+    rng: str | Callable
     schedules: tuple[tuple[str, Callable], ...]
 
 
@@ -301,9 +301,9 @@ def _normalize_bounds(bounds, params_template, mask_tree):
                 f"leaf), got low={lo_a.min()}, high={hi_a.max()}"
             )
         lo_b, hi_b = np.broadcast_arrays(lo_a, hi_a)
-        bad = np.argwhere(lo_b >= hi_b)
-        if bad.size:
-            i = tuple(bad[0].tolist())
+        bad = lo_b >= hi_b
+        if np.any(bad):
+            i = tuple(int(j) for j in np.unravel_index(np.argmax(bad), bad.shape))
             raise ValueError(
                 f"bounds for leaf {path}: low must be < high, got low={lo_b[i]} >= "
                 f"high={hi_b[i]} at index {i}"
@@ -386,8 +386,10 @@ def pso(
         ``restart_fraction`` of particles from the initial distribution) or
         ``"perturb"`` (re-place them around the best), applied after
         ``stall_patience`` steps without improvement.
-      rng: ``"hash"`` (the fast counter-based generator of ``pso_jax.random``)
-        or ``"jax"`` (``jax.random``'s default).
+      rng: ``"hash"`` (the fast counter-based generator of ``pso_jax.random``),
+        ``"jax"`` (``jax.random``'s default), or a function
+        ``rng(key, shape, dtype) -> uniforms in [0, 1)`` for the random factors
+        (Gaussian draws then use ``"hash"``).
       **hparams: overrides of :class:`PSOHyperParams` defaults: numbers, or
         schedules ``step -> value`` (e.g. ``optax.linear_schedule``) evaluated
         each step from the state's step counter.
@@ -427,7 +429,8 @@ def pso(
             )
     _check_choice("random_factors", random_factors, RANDOM_FACTORS)
     _check_choice("stagnation", stagnation, STAGNATION_REMEDIES)
-    _check_choice("rng", rng, RNG_IMPLS)
+    if not callable(rng):
+        _check_choice("rng", rng, RNG_IMPLS)
     if velocity_clamp == "auto":
         velocity_clamp = "auto"
     elif velocity_clamp not in VELOCITY_CLAMPS:
@@ -506,7 +509,9 @@ def _build(config, fitness_fn, mask, init_fn, bounds, table, default_hparams):
         return jnp.where(jnp.isfinite(f), f, worst)
 
     def uniform(key, shape, dtype):
-        """Random factors of a ``[P, ...]`` leaf, honouring ``random_factors``."""
+        """Uniforms in [0, 1) from the configured generator."""
+        if callable(config.rng):
+            return jnp.asarray(config.rng(key, shape, dtype), dtype)
         if config.rng == "jax":
             return jax.random.uniform(key, shape, dtype)
         return prandom.uniform(key, shape, dtype)
@@ -518,7 +523,7 @@ def _build(config, fitness_fn, mask, init_fn, bounds, table, default_hparams):
         return uniform(key, leaf.shape, leaf.dtype)
 
     def normal(key, shape, dtype):
-        if config.rng == "jax":
+        if not callable(config.rng) and config.rng == "jax":
             return jax.random.normal(key, shape, dtype)
         return prandom.normal(key, shape, dtype)
 

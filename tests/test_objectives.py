@@ -210,90 +210,97 @@ def test_schwefel_outside_domain_is_penalised_not_lower(x64):
     # Folded: u = 500 - (713 mod 500) = 287, penalty 213^2 / 10000.
     u = 287.0
     expected = SCHWEFEL_C - u * math.sin(math.sqrt(u)) + 213.0**2 / 1e4
-    value = objectives.schwefel(jnp.array([713.0]))
-    np.testing.assert_allclose(float(value), expected, rtol=1e-12)
-    value_negative = objectives.schwefel(jnp.array([-713.0]))
     expected_negative = SCHWEFEL_C + u * math.sin(math.sqrt(u)) + 213.0**2 / 1e4
-    np.testing.assert_allclose(float(value_negative), expected_negative, rtol=1e-12)
-    # Nonnegative far outside the box, and continuous at its edge.
+    # Continuous at the box edges: just inside vs just outside.
+    edges = [500 * (1 - 1e-12), 500 * (1 + 1e-12), -500 * (1 - 1e-12)]
+    edges.append(-500 * (1 + 1e-12))
+    values = BATCHED["schwefel"](jnp.array([[713.0], [-713.0], *([e] for e in edges)]))
+    np.testing.assert_allclose(values[:2], [expected, expected_negative], rtol=1e-12)
+    np.testing.assert_allclose(values[2], values[3], atol=1e-6)
+    np.testing.assert_allclose(values[4], values[5], atol=1e-6)
+    # Nonnegative far outside the box.
     points = _uniform(jax.random.key(2), (500, 4), (-5000.0, 5000.0), jnp.float64)
-    assert float(jnp.min(jax.vmap(objectives.schwefel)(points))) >= 0.0
-    for edge in (500.0, -500.0):
-        inner = objectives.schwefel(jnp.array([edge * (1 - 1e-12)]))
-        outer = objectives.schwefel(jnp.array([edge * (1 + 1e-12)]))
-        np.testing.assert_allclose(float(inner), float(outer), atol=1e-6)
+    assert float(jnp.min(BATCHED["schwefel"](points))) >= 0.0
 
 
 # ---------------------------------------------------------- jax transforms
 
 
-def _all_fns():
-    problem = objectives.make_problem(
-        "rastrigin", 5, key=jax.random.key(3), shift=True, rotate=True
-    )
-    return [(name, objectives.get(name).fn) for name in NAMES] + [
-        ("shifted_rotated_rastrigin", problem.fn)
-    ]
-
-
-@pytest.mark.parametrize(("name", "fn"), _all_fns())
-def test_vmap_matches_loop_and_jit_matches_eager(name, fn):
-    bounds = objectives.get(name.removeprefix("shifted_rotated_")).bounds
-    points = _uniform(jax.random.key(4), (8, 5), bounds)
-    batched = jax.vmap(fn)(points)
+@pytest.mark.parametrize("name", [*NAMES, "shifted_rotated_rastrigin"])
+def test_vmap_matches_loop_and_jit_matches_eager(name):
+    if name == "shifted_rotated_rastrigin":
+        fn = objectives.make_problem(
+            "rastrigin", 5, key=jax.random.key(3), shift=True, rotate=True
+        ).fn
+        bounds = objectives.get("rastrigin").bounds
+    else:
+        fn, bounds = objectives.get(name).fn, objectives.get(name).bounds
+    points = _uniform(jax.random.key(4), (4, 5), bounds)
+    # Eager (no jit) and one particle at a time: the reference.
     looped = jnp.stack([fn(p) for p in points])
-    assert batched.shape == (8,)
-    chex.assert_trees_all_close(batched, looped, rtol=1e-6, atol=1e-5)
     jitted = jax.jit(fn)
     chex.assert_trees_all_close(
         jnp.stack([jitted(p) for p in points]), looped, rtol=1e-6, atol=1e-5
     )
-    chex.assert_trees_all_close(jax.jit(jax.vmap(fn))(points), looped, rtol=1e-6)
+    batched = jax.jit(jax.vmap(fn))(points)
+    assert batched.shape == (4,)
+    chex.assert_trees_all_close(batched, looped, rtol=1e-6, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("name", NAMES)
 def test_gradients_finite_at_and_near_optimum(x64, name, dtype):
     objective = objectives.get(name)
-    grad_fn = jax.jit(jax.grad(objective.fn))
+    grad_fn = jax.jit(jax.vmap(jax.grad(objective.fn)))
     for num_dims in (objective.min_num_dims, 10):
-        optimum = objective.optimum_fn(num_dims, dtype)
-        for x in (
-            optimum,
-            optimum + 1e-30,
-            optimum + 1e-6,
-            jnp.zeros(num_dims, dtype),
-            jnp.full(num_dims, 1e-30, dtype),
-        ):
-            grad = grad_fn(x)
-            assert grad.dtype == jnp.dtype(dtype)
-            chex.assert_tree_all_finite(grad)
+        optimum = np.asarray(objective.optimum_fn(num_dims, jnp.float64))
+        points = jnp.asarray(
+            np.stack(
+                [
+                    optimum,
+                    optimum + 1e-30,
+                    optimum + 1e-6,
+                    np.zeros(num_dims),
+                    np.full(num_dims, 1e-30),
+                ]
+            ),
+            dtype=dtype,
+        )
+        grads = grad_fn(points)
+        assert grads.dtype == jnp.dtype(dtype)
+        chex.assert_tree_all_finite(grads)
         if dtype == "float64":
             # Every optimum is a stationary point (Ackley's cone: subgradient 0).
-            assert float(jnp.max(jnp.abs(grad_fn(optimum)))) < 1e-6
+            assert np.max(np.abs(np.asarray(grads)[0])) < 1e-6
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_gradients_match_finite_differences(x64, name):
     objective = objectives.get(name)
-    num_dims, step = 4, 1e-6
+    num_points, num_dims, step = 3, 4, 1e-6
     low, high = objective.bounds
-    # Keep away from the box edges, where Schwefel switches branch.
-    x = _uniform(jax.random.key(5), (num_dims,), (0.9 * low, 0.9 * high), jnp.float64)
-    grad = jax.jit(jax.grad(objective.fn))(x)
-    eye = jnp.eye(num_dims, dtype=jnp.float64)
-    numeric = (BATCHED[name](x + step * eye) - BATCHED[name](x - step * eye)) / (
-        2 * step
-    )
-    scale = float(jnp.max(jnp.abs(numeric))) + 1.0
-    np.testing.assert_allclose(grad, numeric, atol=1e-6 * scale)
+    # Up to 1.5x the box, so Schwefel's out-of-domain branch is covered too.
+    rng = np.random.default_rng(5)
+    x = rng.uniform(1.5 * low, 1.5 * high, (num_points, 1, num_dims))
+    eye = np.eye(num_dims)
+    probes = np.concatenate([x + step * eye, x - step * eye], axis=1)
+
+    @jax.jit
+    def evaluate(x, probes):
+        grads = jax.vmap(jax.grad(objective.fn))(x)
+        return grads, jax.vmap(jax.vmap(objective.fn))(probes)
+
+    grads, values = map(np.asarray, evaluate(x[:, 0], probes))
+    numeric = (values[:, :num_dims] - values[:, num_dims:]) / (2 * step)
+    scale = np.max(np.abs(numeric)) + 1.0
+    np.testing.assert_allclose(grads, numeric, atol=1e-6 * scale)
 
 
 def test_schwefel_gradient_finite_everywhere_branches_meet(x64):
     # 0 and +-500 are where sqrt and the fold would produce inf * 0 = NaN.
-    for value in (0.0, 500.0, -500.0, 1000.0, -1500.0, 1e-300):
-        grad = jax.grad(objectives.schwefel)(jnp.full(3, value))
-        chex.assert_tree_all_finite(grad)
+    values = jnp.array([0.0, 500.0, -500.0, 1000.0, -1500.0, 1e-300, -1e-300])
+    grads = jax.jit(jax.vmap(jax.grad(objectives.schwefel)))(values[:, None])
+    chex.assert_tree_all_finite(grads)
 
 
 # ----------------------------------------------------- shift and rotation
@@ -334,25 +341,27 @@ def test_shift_rotate_moves_optimum_to_shift(name):
 
 def test_rotation_is_orthogonal_and_not_identity():
     problem = objectives.make_problem("sphere", 6, key=jax.random.key(8), rotate=True)
-    rotation = problem.rotation
-    assert rotation.shape == (6, 6)
-    chex.assert_trees_all_close(rotation @ rotation.T, jnp.eye(6), atol=1e-5)
-    chex.assert_trees_all_close(rotation.T @ rotation, jnp.eye(6), atol=1e-5)
-    assert float(jnp.max(jnp.abs(rotation - jnp.eye(6)))) > 0.1
+    assert problem.rotation.shape == (6, 6)
+    assert problem.rotation.dtype == jnp.float32
+    rotation = np.asarray(problem.rotation, np.float64)
+    np.testing.assert_allclose(rotation @ rotation.T, np.eye(6), atol=1e-5)
+    np.testing.assert_allclose(rotation.T @ rotation, np.eye(6), atol=1e-5)
+    assert np.max(np.abs(rotation - np.eye(6))) > 0.1
     # Only rotated: the optimum stays at the base argmin, no shift drawn.
     assert problem.shift is None
-    chex.assert_trees_all_equal(problem.optimum, jnp.zeros(6))
+    np.testing.assert_array_equal(problem.optimum, np.zeros(6))
 
 
 def test_random_rotation_sign_fix_makes_diagonal_unbiased():
     # Without the sign fix, jnp.linalg.qr returns R with a negative-diagonal
     # convention; Haar matrices have E[Q_11] = 0 and E[det Q] = 0.
-    keys = jax.random.split(jax.random.key(9), 2000)
-    rotations = jax.vmap(lambda k: objectives.random_rotation(k, 3))(keys)
-    assert abs(float(jnp.mean(rotations[:, 0, 0]))) < 0.05
-    dets = jnp.linalg.det(rotations)
-    chex.assert_trees_all_close(jnp.abs(dets), jnp.ones(2000), atol=1e-4)
-    assert abs(float(jnp.mean(dets))) < 0.1
+    # (Unfixed: mean Q_11 ~ -0.52 and det Q = 1 always, for this seed.)
+    keys = jax.random.split(jax.random.key(9), 500)
+    rotations = jax.jit(jax.vmap(lambda k: objectives.random_rotation(k, 3)))(keys)
+    assert abs(float(jnp.mean(rotations[:, 0, 0]))) < 0.1  # std error 0.026
+    dets = np.linalg.det(np.asarray(rotations, np.float64))
+    np.testing.assert_allclose(np.abs(dets), 1.0, atol=1e-4)
+    assert abs(float(np.mean(dets))) < 0.2  # std error 0.045
 
 
 def test_rotated_schwefel_keeps_optimum_at_base_argmin():
@@ -369,45 +378,61 @@ def test_same_key_same_problem_different_key_different():
     b = objectives.make_problem("ackley", 4, key=jax.random.key(11), **kwargs)
     c = objectives.make_problem("ackley", 4, key=jax.random.key(12), **kwargs)
     chex.assert_trees_all_equal((a.shift, a.rotation), (b.shift, b.rotation))
+    assert np.min(np.abs(np.asarray(a.shift) - np.asarray(c.shift))) > 0
+    assert np.max(np.abs(np.asarray(a.rotation) - np.asarray(c.rotation))) > 0.01
     x = jnp.array([1.0, -2.0, 3.0, 0.5])
-    assert float(a.fn(x)) == float(b.fn(x))
-    assert float(jnp.min(jnp.abs(a.shift - c.shift))) > 0
-    assert float(jnp.max(jnp.abs(a.rotation - c.rotation))) > 0.01
-    assert float(a.fn(x)) != float(c.fn(x))
+    values = jax.jit(lambda x: jnp.stack([a.fn(x), b.fn(x), c.fn(x)]))(x)
+    assert values[0] == values[1]
+    assert values[0] != values[2]
 
 
 def test_shift_rotate_formula_against_numpy(x64):
-    key_o, key_r, key_x = jax.random.split(jax.random.key(13), 3)
-    shift = jax.random.uniform(key_o, (5,), jnp.float64, -3.0, 3.0)
-    rotation = objectives.random_rotation(key_r, 5, jnp.float64)
-    x = jax.random.uniform(key_x, (5,), jnp.float64, -5.0, 5.0)
+    rng = np.random.default_rng(13)
+    shift = rng.uniform(-3.0, 3.0, 5)
+    rotation, _ = np.linalg.qr(rng.normal(size=(5, 5)))
+    x = rng.uniform(-5.0, 5.0, 5)
     fn = objectives.shift_rotate(objectives.rastrigin, shift, rotation, bias=100.0)
-    z = np.asarray(rotation) @ (np.asarray(x) - np.asarray(shift))
-    np.testing.assert_allclose(float(fn(x)), np_rastrigin(list(z)) + 100.0, rtol=1e-12)
-    # Sphere is rotation invariant, so only the shift matters.
     sphere_fn = objectives.shift_rotate(objectives.sphere, shift, rotation)
-    np.testing.assert_allclose(
-        float(sphere_fn(x)), float(jnp.sum((x - shift) ** 2)), rtol=1e-12
-    )
     # base_optimum recentres Rosenbrock so its argmin is the shift.
     rosen = objectives.shift_rotate(
-        objectives.rosenbrock, shift, rotation, base_optimum=jnp.ones(5)
+        objectives.rosenbrock, shift, rotation, base_optimum=np.ones(5)
     )
-    assert abs(float(rosen(shift))) < 1e-20
-    assert float(rosen(jnp.ones(5))) > 1.0
+
+    @jax.jit
+    def evaluate(x, shift):
+        return (
+            fn(x),
+            sphere_fn(x),
+            rosen(shift),
+            rosen(jnp.ones(5)),
+            fn(x.astype(jnp.float32)),
+        )
+
+    values = evaluate(jnp.asarray(x), jnp.asarray(shift))
+    np.testing.assert_allclose(
+        float(values[0]), np_rastrigin(list(rotation @ (x - shift))) + 100.0, rtol=1e-12
+    )
+    # Sphere is rotation invariant, so only the shift matters.
+    np.testing.assert_allclose(float(values[1]), np.sum((x - shift) ** 2), rtol=1e-12)
+    assert abs(float(values[2])) < 1e-20
+    assert float(values[3]) > 1.0
     # dtype follows x, not the stored arrays.
-    assert fn(x.astype(jnp.float32)).dtype == jnp.float32
+    assert values[0].dtype == jnp.float64
+    assert values[4].dtype == jnp.float32
 
 
 def test_bias_shifts_value():
     problem = objectives.make_problem(
         "griewank", 3, key=jax.random.key(14), shift=True, bias=100.0
     )
-    assert problem.optimum_value == 100.0
-    np.testing.assert_allclose(float(problem.fn(problem.optimum)), 100.0)
     plain = objectives.make_problem("sphere", 2, bias=-3.0)
-    np.testing.assert_allclose(float(plain.fn(jnp.array([1.0, 2.0]))), 2.0)
+    assert problem.optimum_value == 100.0
+    assert plain.optimum_value == -3.0
     assert plain.name == "sphere"
+    values = jax.jit(lambda o, x: (problem.fn(o), plain.fn(x)))(
+        problem.optimum, jnp.array([1.0, 2.0])
+    )
+    np.testing.assert_allclose(values, (100.0, 2.0), rtol=1e-6)
 
 
 def test_make_problem_float64(x64):
@@ -415,8 +440,9 @@ def test_make_problem_float64(x64):
         "levy", 3, key=jax.random.key(15), shift=True, dtype=jnp.float64
     )
     assert problem.optimum.dtype == jnp.float64
-    assert problem.fn(problem.optimum).dtype == jnp.float64
-    assert abs(float(problem.fn(problem.optimum))) < 1e-15
+    value = jax.jit(problem.fn)(problem.optimum)
+    assert value.dtype == jnp.float64
+    assert abs(float(value)) < 1e-15
 
 
 # ------------------------------------------------------------------ errors

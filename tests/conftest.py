@@ -1,0 +1,41 @@
+"""Shared fixtures and registries for the pso_jax tests."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import pso_jax
+
+# Every (variant, topology) pair the library supports: tests parametrize over it.
+VARIANT_TOPOLOGIES = [
+    (v, t)
+    for v in pso_jax.VARIANTS
+    for t in (("global",) if v == "cso" else pso_jax.TOPOLOGIES)
+]
+
+
+def sphere(params, _batch=None):
+    """Sum of squares over every leaf of a pytree (one particle)."""
+    return sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(params))
+
+
+def half_rng(key, shape, dtype):
+    """A deterministic 'generator' returning 0.5 everywhere, for known answers."""
+    del key
+    return jnp.full(shape, 0.5, dtype)
+
+
+@pytest.fixture
+def key():
+    return jax.random.key(0)
+
+
+@pytest.fixture
+def tree_template():
+    """A small pytree with leaves of several ranks."""
+    return {
+        "dense": {"kernel": jnp.zeros((3, 2)), "bias": jnp.zeros((2,))},
+        "scale": jnp.zeros(()),
+    }
