@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import datetime
 import gc
+import importlib.metadata
 import json
 import math
 import os
@@ -35,7 +36,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import evosax
 import evosax.algorithms
 import jax
 import jax.numpy as jnp
@@ -122,6 +122,21 @@ def time_scanned(build, state, args, min_call_s, repeats, k=1, max_k=1 << 20):
     return res, state
 
 
+def time_eval(fitness, x, min_call_s):
+    """ms of ``vmap(fitness)`` alone on the swarm ``x`` (dispatch included).
+
+    XLA's CPU ``cos`` is value dependent (fast for small arguments), so a
+    Rastrigin step's cost depends on where each library's swarm has gone.
+    """
+    f = jax.jit(jax.vmap(fitness))
+    f(x).block_until_ready()
+    calls, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < min_call_s:
+        f(x).block_until_ready()
+        calls += 1
+    return 1e3 * (time.perf_counter() - t0) / calls
+
+
 # --- libraries ----------------------------------------------------------------
 
 
@@ -147,6 +162,8 @@ def bench_pso_jax(fitness, n, d, random_factors, min_call_s, repeats):
     k = guess_k(n, d, min_call_s)
     res, state = time_scanned(build, state, (key, hp), min_call_s, repeats, k)
     res["best_fitness"] = float(state.best_fitness)
+    res["max_abs_x"] = float(jnp.max(jnp.abs(state.positions)))
+    res["eval_ms"] = time_eval(fitness, state.positions, min_call_s)
     return res
 
 
@@ -179,6 +196,8 @@ def bench_evosax(fitness, n, d, min_call_s, repeats):
     k = guess_k(n, d, min_call_s)
     res, state = time_scanned(build, state, (key, params), min_call_s, repeats, k)
     res["best_fitness"] = float(state.best_fitness)
+    res["max_abs_x"] = float(jnp.max(jnp.abs(state.population)))
+    res["eval_ms"] = time_eval(fitness, state.population, min_call_s)
     return res
 
 
@@ -255,7 +274,7 @@ def machine_info():
         python=platform.python_version(),
         jax=jax.__version__,
         jax_backend=jax.default_backend(),
-        evosax=getattr(evosax, "__version__", "0.3.2 (no __version__)"),
+        evosax=importlib.metadata.version("evosax"),
         pyswarms=pyswarms.__version__,
         numpy=np.__version__,
         date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -263,8 +282,14 @@ def machine_info():
     )
 
 
-def _fmt(x, nd=1):
-    return "—" if x is None else (f"{x:.{nd}f}" if x >= 1 else f"{x:.3g}")
+def _ms(x):
+    if x is None:
+        return "—"
+    return f"{x:.0f}" if x >= 100 else f"{x:.1f}" if x >= 10 else f"{x:.3g}"
+
+
+def _x(x):
+    return "—" if x is None else f"{x:.2f}"
 
 
 def _loads(loads):
@@ -319,19 +344,34 @@ def write_markdown(path, result):
         rf = r.get("roofline_fraction", {})
         cells = [
             str(r["n"]),
-            f"{r['d']:g}",
+            str(r["d"]),
             r["fitness"],
-            _fmt(pd_, 2),
-            _fmt(pp, 2),
-            _fmt(ev, 2),
-            _fmt(ps, 2),
-            _fmt(_ratio(ev, pp), 2),
-            _fmt(_ratio(ev, pd_), 2),
-            _fmt(_ratio(ps, pd_), 1),
+            _ms(pd_),
+            _ms(pp),
+            _ms(ev),
+            _ms(ps),
+            _x(_ratio(ev, pp)),
+            _x(_ratio(ev, pd_)),
+            _x(_ratio(ps, pd_)),
             "" if not rf else f"{100 * rf['per_dim']:.0f} %",
             "" if not rf else f"{100 * rf['per_particle']:.0f} %",
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Fitness evaluation alone (`jit(vmap(fitness))` on each swarm's final "
+        "positions, ms per call, dispatch included) and max |x| there. XLA's CPU "
+        "`cos` is much cheaper for small arguments, so Rastrigin step times also "
+        "depend on how far each library's swarm has spread or collapsed.",
+        "",
+        "| N | D | fitness | eval ms per-dim / per-particle / evosax "
+        "| max abs x per-dim / per-particle / evosax |",
+        "|---:|---:|---|---|---|",
+    ]
+    for r in rows:
+        evals = " / ".join(_ms(r[k]["eval_ms"]) for k in JAX_IMPLS)
+        xs = " / ".join(f"{r[k]['max_abs_x']:.3g}" for k in JAX_IMPLS)
+        lines.append(f"| {r['n']} | {r['d']} | {r['fitness']} | {evals} | {xs} |")
     lines += ["", "Notes:", ""]
     lines += [f"- {n}" for n in notes]
     lines += [

@@ -192,7 +192,9 @@ def _split_init_or_bounds(init_or_bounds, num_dims):
         return template, (low, high)
     template = jax.tree.map(jnp.asarray, init_or_bounds)
     if num_dims is not None:
-        raise ValueError("num_dims is only for scalar bounds; the initial point has a shape")
+        raise ValueError(
+            "num_dims is only for scalar bounds; the initial point has a shape"
+        )
     return template, None
 
 
@@ -296,7 +298,13 @@ def minimize(
 
         def go(k, st, h, target, tol, _opt=opt, _n=steps_left):
             return run(
-                k, _opt, st, h, num_steps=_n, target_fitness=target, ftol=tol,
+                k,
+                _opt,
+                st,
+                h,
+                num_steps=_n,
+                target_fitness=target,
+                ftol=tol,
                 patience=patience,
             )
 

@@ -6,7 +6,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import sphere
 
 import pso_jax
 from pso_jax import bounds
@@ -98,9 +97,7 @@ def test_velocity_clamp_modes(mode):
     if mode == "range":
         kwargs["bounds"] = (-10.0, 10.0)
         kwargs["bound_handling"] = "periodic"
-    opt = pso_jax.pso(
-        lambda x, _: jnp.sum((x - 1e3) ** 2), num_particles=6, **kwargs
-    )
+    opt = pso_jax.pso(lambda x, _: jnp.sum((x - 1e3) ** 2), num_particles=6, **kwargs)
     hp = opt.default_hparams.replace(velocity_clamp=jnp.float32(0.05))
     st = opt.init(jax.random.key(0), jnp.zeros(4), hp)
     scale = {"absolute": 1.0, "range": 20.0}.get(mode)

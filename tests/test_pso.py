@@ -168,7 +168,9 @@ def test_same_key_same_result_different_keys_differ(tree_template):
     ):
         assert not np.allclose(u, w)
     c = opt.init(jax.random.key(8), tree_template)
-    assert not np.allclose(a.positions["dense"]["kernel"], c.positions["dense"]["kernel"])
+    assert not np.allclose(
+        a.positions["dense"]["kernel"], c.positions["dense"]["kernel"]
+    )
 
 
 def test_vmapped_fitness_equals_loop_over_particles(tree_template, key):
@@ -181,7 +183,8 @@ def test_vmapped_fitness_equals_loop_over_particles(tree_template, key):
     got = opt.step.evaluate(st, batch)
     params = opt.ask(st)
     want = [
-        fitness(jax.tree.map(lambda leaf, i=i: leaf[i], params), batch) for i in range(5)
+        fitness(jax.tree.map(lambda leaf, i=i: leaf[i], params), batch)
+        for i in range(5)
     ]
     np.testing.assert_allclose(got, want, rtol=1e-6)
     assert got.shape == (5,)
@@ -201,9 +204,7 @@ def test_no_retracing_when_hparams_change(key):
     st, _ = step(jax.random.key(1), st, None, hp)
     n = len(traces)
     for w in (0.4, 0.6, 0.9):
-        st, _ = step(
-            jax.random.key(2), st, None, hp.replace(inertia=jnp.float32(w))
-        )
+        st, _ = step(jax.random.key(2), st, None, hp.replace(inertia=jnp.float32(w)))
     st, _ = step(jax.random.key(3), st, None, hp.replace(velocity_clamp=jnp.float32(2)))
     assert len(traces) == n
 
@@ -221,8 +222,14 @@ def test_hparams_change_the_update(key):
 
 def test_schedule_hparam_follows_optax_schedule(key):
     sched = optax.linear_schedule(0.9, 0.4, 10)
-    opt = pso_jax.pso(num_particles=2, rng=half_rng, velocity_clamp=None, inertia=sched,
-                      cognitive=0.0, social=0.0)
+    opt = pso_jax.pso(
+        num_particles=2,
+        rng=half_rng,
+        velocity_clamp=None,
+        inertia=sched,
+        cognitive=0.0,
+        social=0.0,
+    )
     st = opt.init(key, jnp.zeros(1))
     st = _set(st, jnp.zeros((2, 1)), jnp.ones((2, 1)))
     expected = 1.0
@@ -262,7 +269,9 @@ def test_masked_leaves_never_move_and_are_not_copied(tree_template, key):
 
 def test_mask_errors(tree_template, key):
     with pytest.raises(ValueError, match="mask structure"):
-        pso_jax.pso(sphere, num_particles=2, mask={"dense": True}).init(key, tree_template)
+        pso_jax.pso(sphere, num_particles=2, mask={"dense": True}).init(
+            key, tree_template
+        )
     none = jax.tree.map(lambda _: False, tree_template)
     with pytest.raises(ValueError, match="selects no leaf"):
         pso_jax.pso(sphere, num_particles=2, mask=none).init(key, tree_template)
@@ -366,7 +375,9 @@ def test_bad_bounds_trees_and_shapes(key, tree_template):
     low = {"dense": {"kernel": -1.0, "bias": -1.0}, "scale": 1.0}
     high = {"dense": {"kernel": 1.0, "bias": 1.0}, "scale": 0.0}
     with pytest.raises(ValueError, match=r"\['scale'\]: low must be < high"):
-        pso_jax.pso(sphere, num_particles=2, bounds=(low, high)).init(key, tree_template)
+        pso_jax.pso(sphere, num_particles=2, bounds=(low, high)).init(
+            key, tree_template
+        )
     with pytest.raises(ValueError, match="does not match"):
         pso_jax.pso(sphere, num_particles=2, bounds=({"a": 0.0}, {"a": 1.0})).init(
             key, tree_template

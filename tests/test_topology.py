@@ -49,7 +49,9 @@ def test_von_neumann_matches_brute_force(p):
     score = np.asarray(jax.random.permutation(jax.random.key(p), p), float)
     table = topology.neighbour_table("von_neumann", p)
     got = topology.neighbour_best_index("von_neumann", jnp.asarray(score), table, None)
-    np.testing.assert_array_equal(got, brute_force_best(von_neumann_neighbours(p), score))
+    np.testing.assert_array_equal(
+        got, brute_force_best(von_neumann_neighbours(p), score)
+    )
 
 
 def test_grid_shape_is_as_square_as_possible():

@@ -1,0 +1,176 @@
+"""Loops (scan, while), the one-call minimize, and convergence thresholds."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import sphere
+
+import pso_jax
+from pso_jax import objectives
+
+
+def _swarm(**kw):
+    opt = pso_jax.pso(sphere, num_particles=8, bounds=(-3.0, 3.0), **kw)
+    return opt, opt.init(jax.random.key(0), jnp.zeros(4))
+
+
+def test_scan_equals_host_loop():
+    opt, st0 = _swarm(topology="ring")
+    key = jax.random.key(5)
+    hp = opt.default_hparams
+    st_scan, infos = jax.jit(lambda s: pso_jax.scan_steps(key, opt, s, hp, 12))(st0)
+    step = jax.jit(opt.step)
+    st = st0
+    best = []
+    for _ in range(12):
+        st, info = step(pso_jax.step_key(key, st), st, None, hp)
+        best.append(float(info.best_fitness))
+    chex.assert_trees_all_close(st_scan, st, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(infos.best_fitness, best, rtol=1e-6)
+
+
+def test_run_equals_scan_and_resume_equals_uninterrupted():
+    opt, st0 = _swarm()
+    key = jax.random.key(9)
+    hp = opt.default_hparams
+    run = jax.jit(
+        lambda s, n: pso_jax.run(key, opt, s, hp, num_steps=n)[0], static_argnums=1
+    )
+    full = run(st0, 20)
+    half = run(run(st0, 10), 10)
+    chex.assert_trees_all_equal(full, half)
+    scanned, _ = pso_jax.scan_steps(key, opt, st0, hp, 20)
+    chex.assert_trees_all_close(full, scanned, rtol=1e-6, atol=1e-7)
+
+
+def test_run_stops_at_target_and_on_stall():
+    opt, st0 = _swarm()
+    key = jax.random.key(1)
+    hp = opt.default_hparams
+    st, info = pso_jax.run(key, opt, st0, hp, num_steps=500, target_fitness=1e-2)
+    n = int(info.num_steps)
+    assert pso_jax.STOP_REASONS[int(info.stop_reason)] == "target"
+    assert float(st.best_fitness) <= 1e-2 < float(info.history[n - 2])
+    assert np.all(np.isnan(np.asarray(info.history[n:])))
+    # A constant fitness never improves after the first step: stall after 5 more.
+    opt_c = pso_jax.pso(lambda x, _: jnp.float32(1.0), num_particles=4)
+    st_c = opt_c.init(key, jnp.zeros(2))
+    _, info = pso_jax.run(
+        key, opt_c, st_c, opt_c.default_hparams, num_steps=100, patience=5
+    )
+    assert pso_jax.STOP_REASONS[int(info.stop_reason)] == "stall"
+    assert int(info.num_steps) == 6
+
+
+def test_minimize_result_and_history():
+    res = pso_jax.minimize(
+        objectives.sphere,
+        pso_jax.Bounds(-5 * jnp.ones(3), 5 * jnp.ones(3)),
+        key=jax.random.key(0),
+        num_particles=16,
+        num_steps=150,
+    )
+    assert res.history.shape == (150,)
+    assert np.all(np.diff(res.history) <= 0)  # best-so-far never worsens
+    assert res.best_fitness == pytest.approx(float(objectives.sphere(res.best_params)))
+    assert res.num_evaluations == 150 * 16
+    assert res.stop_reason == "max_steps"
+    assert res.best_fitness < 1e-4
+
+
+def test_minimize_pytree_initial_point_and_maximize():
+    target = {"a": jnp.array([1.0, -2.0]), "b": jnp.array(0.5)}
+
+    def score(p):
+        return -sum(jnp.sum((p[k] - target[k]) ** 2) for k in p)
+
+    x0 = {"a": jnp.zeros(2), "b": jnp.zeros(())}
+    res = pso_jax.minimize(
+        score,
+        x0,
+        key=jax.random.key(2),
+        num_particles=20,
+        num_steps=300,
+        maximize=True,
+        init_scale=1.0,
+    )
+    assert res.best_fitness > -1e-4
+    chex.assert_trees_all_close(res.best_params, target, atol=1e-2)
+
+
+def test_minimize_restarts_grow_the_swarm():
+    pr = objectives.make_problem("rastrigin", 5)
+    res = pso_jax.minimize(
+        pr.fn,
+        pr.bounds,
+        num_dims=5,
+        key=jax.random.key(0),
+        num_particles=10,
+        num_steps=3000,
+        patience=40,
+        ftol=1e-3,
+        restarts=2,
+    )
+    assert res.num_restarts >= 1
+    assert res.state.positions.shape[0] == 10 * 2**res.num_restarts
+    assert res.num_steps == res.history.shape[0]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(num_steps=0), "num_steps=0"),
+        (dict(restarts=1), "restarts need patience"),
+        (dict(patience=0), "patience=0"),
+        (dict(ftol=-1.0), "ftol=-1.0"),
+        (dict(num_particles=0), "num_particles=0"),
+        (dict(variant="ga"), "variant='ga'"),
+    ],
+)
+def test_minimize_invalid_arguments(kwargs, match):
+    args = dict(key=jax.random.key(0), num_dims=2)
+    with pytest.raises(ValueError, match=match):
+        pso_jax.minimize(objectives.sphere, (-1.0, 1.0), **{**args, **kwargs})
+
+
+def test_minimize_rejects_non_scalar_fitness_before_compiling():
+    with pytest.raises(ValueError, match=r"scalar for one particle, got \(3,\)"):
+        pso_jax.minimize(lambda x: x * 2, jnp.zeros(3), key=jax.random.key(0))
+    with pytest.raises(ValueError, match="need num_dims"):
+        pso_jax.minimize(objectives.sphere, (-1.0, 1.0), key=jax.random.key(0))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_converges_on_sphere_d30(seed):
+    res = pso_jax.minimize(
+        objectives.sphere,
+        (-100.0, 100.0),
+        num_dims=30,
+        key=jax.random.key(seed),
+        num_particles=30,
+        num_steps=600,
+    )
+    assert res.best_fitness < 1e-4  # from ~3e4 at the start
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_converges_on_shifted_rastrigin_d10(seed):
+    pr = objectives.make_problem(
+        "rastrigin", 10, key=jax.random.key(100 + seed), shift=True
+    )
+    res = pso_jax.minimize(
+        pr.fn,
+        pr.bounds,
+        num_dims=10,
+        key=jax.random.key(seed),
+        num_particles=40,
+        num_steps=1500,
+        topology="von_neumann",
+    )
+    # A random point scores ~170; a local optimum within a few basins of 0 passes.
+    assert res.best_fitness - pr.optimum_value < 8.0
+    assert np.abs(np.asarray(res.best_params - pr.optimum)).max() < 2.5
