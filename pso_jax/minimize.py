@@ -164,13 +164,19 @@ class Bounds(NamedTuple):
     high: Any
 
 
+def _is_scalar(x) -> bool:
+    return isinstance(x, int | float | np.number) or (
+        isinstance(x, np.ndarray | jax.Array) and x.ndim == 0
+    )
+
+
 def _split_init_or_bounds(init_or_bounds, num_dims):
     """Return ``(template, bounds or None)``."""
     if isinstance(init_or_bounds, Bounds) or (
         isinstance(init_or_bounds, tuple) and len(init_or_bounds) == 2
     ):
         low, high = init_or_bounds
-        if np.ndim(low) == 0 and not jax.tree.structure(low).num_leaves > 1:
+        if _is_scalar(low) and _is_scalar(high):
             if num_dims is None:
                 raise ValueError(
                     f"scalar bounds {tuple(init_or_bounds)} need num_dims= (or give "

@@ -174,3 +174,17 @@ def test_converges_on_shifted_rastrigin_d10(seed):
     # A random point scores ~170; a local optimum within a few basins of 0 passes.
     assert res.best_fitness - pr.optimum_value < 8.0
     assert np.abs(np.asarray(res.best_params - pr.optimum)).max() < 2.5
+
+
+def test_minimize_with_pytree_bounds():
+    low = {"w": -jnp.ones(2)}
+    high = {"w": 2 * jnp.ones(2)}
+    res = pso_jax.minimize(
+        lambda p: jnp.sum((p["w"] - 1.5) ** 2),
+        (low, high),
+        key=jax.random.key(0),
+        num_particles=10,
+        num_steps=100,
+    )
+    np.testing.assert_allclose(res.best_params["w"], 1.5, atol=1e-2)
+    assert res.state.low["w"].shape == (2,)

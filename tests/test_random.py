@@ -37,6 +37,11 @@ def big_uniform():
     return np.asarray(uniform(jax.random.key(42), (N_SIDE, N_SIDE)), np.float64)
 
 
+def _jit(fn):
+    """jit with shape, dtype and a Python-int row_offset kept static."""
+    return jax.jit(fn, static_argnums=(1, 2), static_argnames=("row_offset",))
+
+
 def _corr_ok(a, b):
     a, b = np.ravel(a), np.ravel(b)
     r = np.corrcoef(a, b)[0, 1]
@@ -50,7 +55,7 @@ def _corr_ok(a, b):
 @pytest.mark.parametrize("shape", [(7,), (1, 1), (16, 33), (4, 5, 6), (3, 2, 2, 5)])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
 def test_range_dtype_shape(key, shape, dtype):
-    u = uniform(key, shape, dtype)
+    u = _jit(uniform)(key, shape, dtype)
     assert u.shape == shape
     assert u.dtype == jnp.dtype(dtype)
     u32 = np.asarray(u, np.float32)
@@ -60,7 +65,7 @@ def test_range_dtype_shape(key, shape, dtype):
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_16bit_never_one(key, dtype):
     # Rounding float32 to 16 bits would produce 1.0; the direct bit path can't.
-    u = np.asarray(uniform(key, (256, 4096), dtype), np.float32)
+    u = np.asarray(_jit(uniform)(key, (256, 4096), dtype), np.float32)
     assert u.max() == 1 - 2.0 ** -jnp.finfo(dtype).nmant
     assert u.min() == 0.0
 
@@ -94,7 +99,7 @@ def test_float64_without_x64_warns_and_truncates(key):
     ids=["threefry", "rbg", "unsafe_rbg", "legacy"],
 )
 def test_key_kinds(make_key):
-    u = np.asarray(uniform(make_key(), (64, 256)))
+    u = np.asarray(_jit(uniform)(make_key(), (64, 256)))
     assert (u >= 0).all() and (u < 1).all()
     assert abs(u.mean() - 0.5) < Z * np.sqrt(1 / 12 / u.size)
 
@@ -236,9 +241,11 @@ def test_deterministic(key):
 
 @pytest.mark.parametrize("fn", [uniform, normal, bits])
 def test_row_offset_bitwise(key, fn):
+    # Eager: the Python-int row_offset path without jit.
     full = np.asarray(fn(key, (8, 5)))
     part = np.asarray(fn(key, (3, 5), row_offset=3))
     np.testing.assert_array_equal(part, full[3:6])
+    fn = jax.jit(fn, static_argnums=1, static_argnames="row_offset")
     full3 = np.asarray(fn(key, (8, 2, 3)))
     np.testing.assert_array_equal(
         np.asarray(fn(key, (1, 2, 3), row_offset=7)), full3[7:]
@@ -255,8 +262,8 @@ def test_row_offset_traced_under_jit(key):
 
 
 def test_row_offset_does_not_depend_on_num_rows(key):
-    a = np.asarray(uniform(key, (1, 7), row_offset=10))
-    b = np.asarray(uniform(key, (20, 7)))[10:11]
+    a = np.asarray(_jit(uniform)(key, (1, 7), row_offset=10))
+    b = np.asarray(_jit(uniform)(key, (20, 7)))[10:11]
     np.testing.assert_array_equal(a, b)
 
 
@@ -276,12 +283,14 @@ def test_vmap_over_keys_equals_loop(legacy):
         keys = jax.random.split(jax.random.PRNGKey(5), 4)
     else:
         keys = jax.random.split(jax.random.key(5), 4)
-    vmapped = jax.vmap(lambda k: uniform(k, (6, 7)))(keys)
-    looped = jnp.stack([uniform(k, (6, 7)) for k in keys])
+    one_u = jax.jit(lambda k: uniform(k, (6, 7)))
+    one_n = jax.jit(lambda k: normal(k, (6, 7)))
+    vmapped = jax.vmap(lambda k: uniform(k, (6, 7)))(keys)  # eager vmap
+    looped = jnp.stack([one_u(k) for k in keys])
     assert vmapped.shape == (4, 6, 7)
     np.testing.assert_array_equal(np.asarray(vmapped), np.asarray(looped))
     vmapped_n = jax.jit(jax.vmap(lambda k: normal(k, (6, 7))))(keys)
-    looped_n = jnp.stack([normal(k, (6, 7)) for k in keys])
+    looped_n = jnp.stack([one_n(k) for k in keys])
     chex.assert_trees_all_close(vmapped_n, looped_n, rtol=1e-6, atol=1e-6)
 
 
@@ -348,7 +357,7 @@ def test_normal_moments():
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
 def test_normal_finite_dtype(key, dtype):
-    z = normal(key, (64, 512), dtype)
+    z = _jit(normal)(key, (64, 512), dtype)
     assert z.dtype == jnp.dtype(dtype)
     assert np.isfinite(np.asarray(z, np.float32)).all()
 
