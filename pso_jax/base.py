@@ -1,4 +1,4 @@
-"""The optimizer interface: a NamedTuple of pure functions (cf. ``optax.GradientTransformation``)."""
+"""The optimizer interface: a NamedTuple of pure functions (like optax's)."""
 
 from __future__ import annotations
 

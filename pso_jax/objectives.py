@@ -21,6 +21,11 @@ Shifted and rotated variants follow the CEC benchmark suites,
   definitions and evaluation criteria for the CEC 2013 special session on
   real-parameter optimization", Tech. Rep. 201212, Zhengzhou University and
   Nanyang Technological University, 2013;
+* J. J. Liang, B. Y. Qu and P. N. Suganthan, "Problem definitions and
+  evaluation criteria for the CEC 2014 special session and competition on
+  single objective real-parameter numerical optimization", Tech. Rep. 201311,
+  Zhengzhou University and Nanyang Technological University, 2013 (the
+  Schwefel boundary handling used here);
 * N. H. Awad, M. Z. Ali, J. J. Liang, B. Y. Qu and P. N. Suganthan, "Problem
   definitions and evaluation criteria for the CEC 2017 special session and
   competition on single objective bound constrained real-parameter numerical

@@ -1,4 +1,4 @@
-"""Pytree helpers: masks, stacking and particle-axis selection (cf. optax ``tree_utils``).
+"""Pytree helpers: masks, stacking and particle-axis selection (as optax's).
 
 Leaves that the swarm does not move are represented by ``None`` in the swarmed tree
 and by their value in the frozen tree, as equinox's ``partition``/``combine`` do, so
@@ -42,7 +42,7 @@ def partition(tree: PyTree, mask: PyTree) -> tuple[PyTree, PyTree]:
 
 
 def combine(swarmed: PyTree, frozen: PyTree) -> PyTree:
-    """Inverse of :func:`partition`: fill the ``None`` leaves of one tree from the other.
+    """Inverse of :func:`partition`: fill one tree's ``None`` leaves from the other.
 
     >>> combine({"a": 1.0, "b": None}, {"a": None, "b": 2.0})
     {'a': 1.0, 'b': 2.0}
