@@ -1,27 +1,30 @@
 """Counter-based random numbers that fuse into XLA elementwise loops.
 
 A PSO step draws two uniforms per coordinate (``r1``, ``r2`` for every particle
-and dimension, e.g. ``[1024, 100000]`` each step). With JAX's default
-threefry2x32 that costs ~12 ns per sample on our 2-core CPU, and philox
-(``rbg``) ~2.3 ns: the RNG, not the update arithmetic, dominates the step
-(see ``/work/shared/PERF_NOTES.md``).
+and dimension, e.g. ``[1024, 100000]`` each step). With ``jax.random`` on our
+2-core CPU that is the dominant cost of the step: threefry2x32 and philox
+(``rbg``/``unsafe_rbg`` keys) each cost 5-14 ns per sample even when fused into
+the update, 40-80x the update's own memory traffic.
 
 This module provides ``impl="hash"``: a keyed, counter-based integer hash of
 ``(seed words, global row, column)`` written in plain ``uint32`` ``lax`` ops
 (iota, xor, shift, multiply, add). XLA fuses it into the consumer's elementwise
 loop, so no random array is ever written to memory. Measured on this machine
-(``benchmarks/rng_throughput.py``, ``[1024, 100000]``, two uniforms fused into
-an in-place update on a donated buffer) it costs about 0.02 ns per sample on
-top of the ~0.1 ns per sample bandwidth floor of the update itself, against
-~6 ns for threefry and ~5 ns for rbg.
+(``benchmarks/rng_throughput.py``; ``[1024, 100000]``, two uniforms fused into
+``x = x + 0.5*u1*(y - x) + 0.5*u2*(z - x)`` on a donated buffer) the update
+costs 0.15-0.35 ns per sample against a 0.13-0.17 ns no-RNG bandwidth floor,
+versus 6.5-14 ns for threefry and 5-14 ns for philox (ranges over runs on a
+shared, loaded machine; see ``benchmarks/results/rng_throughput.md``).
 
-The generator. With ``s0, s1`` derived from ``key``, ``r`` the global row index
-(``row_offset`` + position along axis 0) and ``c`` the flattened index over the
-remaining axes, all ``uint32``::
+The generator. With seed words ``s0..s3`` from one tiny draw of ``key``, ``r``
+the global row index (``row_offset`` + position along axis 0) and ``c`` the
+flattened index over the remaining axes, all ``uint32``::
 
     a = triple32(r ^ s0)            # per-row keys (bijective in r)
     b = triple32(a ^ s1)
     bits = lowbias32_b(lowbias32(c ^ a) + b)
+
+(``float64`` adds a second word, the same hash keyed by ``s2, s3``.)
 
 ``triple32`` and ``lowbias32`` are xorshift-multiply permutations of the 32-bit
 integers found by C. Wellons' hash prospector
@@ -33,7 +36,8 @@ cells share an internal state for any shape up to ``[2**32, 2**32]``; the
 second key ``b`` enters after a nonlinear step, so no row is a shifted or
 xor-permuted copy of another (which a single ``hash(c ^ a_r)`` would give).
 Every seed, row and column bit avalanches onto every output bit (flip
-probability within 0.004 of 1/2 in our check). Bits become floats by the
+probability within 0.004 of 1/2 over 2**18 random cells with rows < 2**10
+and columns < 2**20, i.e. at the noise level of the check). Bits become floats by the
 mantissa trick: ``(bits >> 9) | 0x3F800000`` bitcast to ``float32``, minus 1.
 
 Caveats:
