@@ -662,8 +662,11 @@ def _build(config, fitness_fn, mask, init_fn, bounds, table, default_hparams):
             positions=positions,
             velocities=velocities,
             fitness=fitness,
-            pbest_params=None if config.variant == "cso" else positions,
-            pbest_fitness=fitness,
+            # Distinct buffers (copies), so the whole state can be donated.
+            pbest_params=(
+                None if config.variant == "cso" else jax.tree.map(jnp.copy, positions)
+            ),
+            pbest_fitness=jnp.copy(fitness),
             best_params=jax.tree.map(lambda x: x[0], positions),
             best_fitness=jnp.asarray(worst, jnp.float32),
             frozen_params=frozen,

@@ -418,3 +418,16 @@ def test_convergence_region_warning():
     assert not pso_jax.in_stability_region(1.0, 0.5, 0.5)
     assert not pso_jax.in_stability_region(0.0, 2.0, 2.0)  # 4 > 24/7
     assert pso_jax.in_stability_region(0.0, 1.7, 1.7)
+
+
+def test_whole_state_can_be_donated(key, tree_template):
+    """No two state leaves share a buffer (donation would fail)."""
+    for variant in ("inertia", "cso"):
+        opt = pso_jax.pso(sphere, num_particles=4, variant=variant)
+        st = opt.init(key, tree_template)
+        step = jax.jit(opt.step, donate_argnums=1)
+        for i in range(2):
+            st, _ = step(jax.random.key(i), st, None, opt.default_hparams)
+        st = jax.jit(opt.init)(key, tree_template)
+        st, _ = step(jax.random.key(0), st, None, opt.default_hparams)
+        assert int(st.step) == 1

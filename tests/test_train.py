@@ -1,0 +1,174 @@
+"""The fused swarm train step on a tiny classifier (fast, synthetic data)."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import pso_jax
+from pso_jax import train
+
+
+def apply_fn(params, video):
+    """A linear classifier on the flattened clip: logits [B, C]."""
+    x = video.reshape(video.shape[0], -1)
+    return x @ params["w"] + params["b"]
+
+
+@pytest.fixture
+def setup():
+    key = jax.random.key(0)
+    kx, kw = jax.random.split(key)
+    video = jax.random.normal(kx, (12, 2, 3, 3, 1))  # [B, T, H, W, C]
+    labels = jnp.argmax(video.reshape(12, -1)[:, :4], axis=1)  # learnable
+    template = {"w": jnp.zeros((18, 4)), "b": jnp.zeros(4)}
+    batch = {"video": video, "label": labels}
+    return template, batch
+
+
+def _opt(**kw):
+    return pso_jax.pso(num_particles=4, velocity_clamp=None, init_scale=0.5, **kw)
+
+
+def test_step_equals_hand_rolled_loop_over_particles(setup):
+    template, batch = setup
+    opt = _opt()
+    tr = train.make_train_step(apply_fn, opt, best_refresh="none")
+    st = tr.init(jax.random.key(1), template)
+    new, metrics = tr.step(None, st, batch)
+    # By hand: evaluate each particle in a Python loop, then tell.
+    fit = [
+        train.cross_entropy(
+            apply_fn(
+                jax.tree.map(lambda a, i=i: a[i], st.swarm.positions), batch["video"]
+            ),
+            batch["label"],
+        )
+        for i in range(4)
+    ]
+    key = jax.random.fold_in(jax.random.wrap_key_data(st.key_data), 0)
+    want, _ = opt.tell(key, st.swarm, jnp.stack(fit))
+    chex.assert_trees_all_close(new.swarm, want, rtol=1e-5, atol=1e-6)
+    assert float(metrics.best_fitness) == pytest.approx(min(map(float, fit)), 1e-5)
+
+
+def test_hybrid_k1_matches_explicit_optax_step_per_particle(setup):
+    template, batch = setup
+    opt = _opt()
+    sgd = optax.sgd(0.1)
+    tr = train.make_train_step(
+        apply_fn, opt, local_steps=1, grad_optimizer=sgd, best_refresh="none"
+    )
+    st = tr.init(jax.random.key(1), template)
+    new, metrics = tr.step(None, st, batch)
+    moved = []
+    for i in range(4):
+        p = jax.tree.map(lambda a, i=i: a[i], st.swarm.positions)
+        g = jax.grad(
+            lambda q: train.cross_entropy(apply_fn(q, batch["video"]), batch["label"])
+        )(p)
+        upd, _ = sgd.update(g, sgd.init(p), p)
+        moved.append(optax.apply_updates(p, upd))
+    moved = jax.tree.map(lambda *a: jnp.stack(a), *moved)
+    fit = jax.vmap(
+        lambda p: train.cross_entropy(apply_fn(p, batch["video"]), batch["label"])
+    )(moved)
+    key = jax.random.fold_in(jax.random.wrap_key_data(st.key_data), 0)
+    want, _ = opt.tell(key, st.swarm.replace(positions=moved), fit)
+    chex.assert_trees_all_close(new.swarm, want, rtol=1e-5, atol=1e-6)
+    assert float(metrics.grad_loss) > 0
+    assert new.opt_state is not None
+
+
+def test_training_reduces_loss_and_jit_equals_eager(setup):
+    template, batch = setup
+    tr = train.make_train_step(
+        apply_fn, _opt(), local_steps=2, grad_optimizer=optax.adam(0.05)
+    )
+    st0 = tr.init(jax.random.key(2), template)
+    step = jax.jit(tr.step)
+    st, m0 = step(None, st0, batch)
+    for _ in range(15):
+        st, m = step(None, st, batch)
+    assert float(m.best_fitness) < 0.5 * float(m0.best_fitness)
+    eager, _ = tr.step(None, st0, batch)
+    jitted, _ = step(None, st0, batch)
+    chex.assert_trees_all_close(eager, jitted, rtol=1e-5, atol=1e-6)
+
+
+def test_reevaluate_rescores_bests_on_the_current_batch(setup):
+    template, batch = setup
+    opt = _opt()
+    tr = train.make_train_step(apply_fn, opt, best_refresh="reevaluate")
+    st, _ = tr.step(None, tr.init(jax.random.key(3), template), batch)
+    # Pretend an earlier lucky batch: bests scored impossibly well.
+    lucky = st.replace(
+        swarm=st.swarm.replace(
+            pbest_fitness=jnp.full(4, -1.0), best_fitness=jnp.float32(-1.0)
+        )
+    )
+    new, _ = tr.step(None, lucky, batch)
+    assert float(new.swarm.best_fitness) > 0  # re-scored, not frozen at -1
+    frozen = train.make_train_step(apply_fn, opt, best_refresh="none")
+    stale, _ = frozen.step(None, lucky, batch)
+    assert float(stale.swarm.best_fitness) == -1.0
+    aging = train.make_train_step(apply_fn, opt, best_refresh="age", age_rate=0.5)
+    aged, _ = aging.step(None, lucky, batch)
+    assert float(aged.swarm.pbest_fitness.min()) > -1.0
+
+
+def test_same_state_same_result_resume(setup):
+    """The state's own key drives a step: a restored state repeats exactly."""
+    template, batch = setup
+    tr = train.make_train_step(apply_fn, _opt())
+    st = tr.init(jax.random.key(4), template)
+    a, _ = tr.step(None, st, batch)
+    b, _ = tr.step(jax.random.key(99), st, batch)
+    chex.assert_trees_all_equal(a, b)
+
+
+def test_metrics_and_evaluate(setup):
+    template, batch = setup
+    tr = train.make_train_step(
+        apply_fn, _opt(), local_steps=3, grad_optimizer=optax.adam(0.1)
+    )
+    st = tr.init(jax.random.key(5), template)
+    for _ in range(10):
+        st, _ = tr.step(None, st, batch)
+    best, ens = train.evaluate(tr, st, [batch, batch], num_classes=4, top_k=3)
+    assert np.sum(best.confusion) == 24
+    assert 0 <= best.accuracy <= 1 and len(best.per_class_recall) == 4
+    assert best.accuracy > 0.5  # learnable labels
+    assert ens.accuracy >= 0.25
+    cm = jnp.array([[2, 0], [1, 1]])
+    # F1: class 0 = 2*2/(2+3) = 0.8, class 1 = 2*1/(2+1) = 0.667
+    assert float(train.macro_f1_from_confusion(cm)) == pytest.approx(
+        (0.8 + 2 / 3) / 2, 1e-5
+    )
+
+
+def test_macro_f1_fitness_is_maximised(setup):
+    template, batch = setup
+    with pytest.raises(ValueError, match="maximize=False"):
+        train.make_train_step(apply_fn, _opt(), fitness="macro_f1")
+    tr = train.make_train_step(apply_fn, _opt(maximize=True), fitness="macro_f1")
+    st, m = tr.step(None, tr.init(jax.random.key(6), template), batch)
+    assert 0.0 <= float(m.best_fitness) <= 1.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(fitness="hinge"), "fitness='hinge'"),
+        (dict(best_refresh="sometimes"), "best_refresh='sometimes'"),
+        (dict(local_steps=-1), "local_steps=-1"),
+        (dict(age_rate=-0.1), "age_rate=-0.1"),
+    ],
+)
+def test_invalid_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        train.make_train_step(apply_fn, _opt(), **kwargs)
