@@ -507,3 +507,22 @@ def test_wrong_shapes_are_errors():
     problem = objectives.make_problem("sphere", 3, key=jax.random.key(0), shift=True)
     with pytest.raises(ValueError, match=r"expects x of shape \(3,\); got \(1,\)"):
         problem.fn(jnp.ones(1))
+
+
+def test_cos_2pi_matches_cos_in_float32():
+    from pso_jax.objectives import cos_2pi
+
+    x = np.concatenate(
+        [
+            np.linspace(-6, 6, 100_001),
+            np.random.default_rng(0).uniform(-1e3, 1e3, 100_000),
+            [0.0, 0.25, 0.5, -0.25, 1e-30, 0.75, 1.0],
+        ]
+    ).astype(np.float32)
+    got = np.asarray(cos_2pi(jnp.asarray(x)))
+    # Reference in float64 on the float32 inputs (exact argument).
+    want = np.cos(2 * np.pi * x.astype(np.float64))
+    assert got.dtype == np.float32
+    assert np.max(np.abs(got - want)) < 3e-7
+    g = jax.grad(lambda v: cos_2pi(v))(jnp.float32(0.1))
+    assert abs(float(g) - (-2 * np.pi * np.sin(0.2 * np.pi))) < 1e-4
