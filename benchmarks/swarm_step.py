@@ -4,12 +4,13 @@ For every cell ``N particles x D dims x fitness`` this measures, in one process:
 
 - pso_jax (``random_factors="per_dimension"`` and ``"per_particle"``) and evosax's
   PSO: ``k`` steps under ``lax.scan`` in one ``jax.jit`` with the state donated,
-  ``k`` chosen so one call takes >= ``--min-call-s``; the median over
+  ``k >= --min-steps`` chosen so one call takes >= ``--min-call-s``; the median over
   ``--repeats`` calls divided by ``k`` (compile time reported separately);
 - pyswarms' ``GlobalBestPSO`` (numpy float64): ``optimize(iters=k)`` calls, the
   same way, skipping cells projected to take more than ``--pyswarms-max-s``;
-- the in-place bandwidth roofline: a donated elementwise update that reads and
-  writes three float32 ``[N, D]`` arrays (the bytes of x, v, pbest in a step).
+- the in-place bandwidth roofline: ``x += a * y`` on float32 ``[N, D]`` arrays
+  with ``x`` donated; a step's roofline time is the bytes of x, v and pbest read
+  and written (6 * 4 * N * D) at that bandwidth.
 
 All swarms are unbounded with no velocity clamp (evosax's PSO has neither).
 
@@ -35,14 +36,19 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import evosax.algorithms
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pyswarms
 
 import pso_jax
+
+# pyswarms opens ./report.log (and logs there) when imported and whenever an
+# optimizer is built: do both from a temporary directory, not the repository.
+with tempfile.TemporaryDirectory() as _tmp, contextlib.chdir(_tmp):
+    import pyswarms
 
 NS = (32, 256, 1024)
 DS = (10, 1_000, 100_000)
@@ -82,12 +88,26 @@ def _block(tree):
     return jax.block_until_ready(tree)
 
 
-def guess_k(n, d, min_call_s):
-    """Steps per call from a rough cost model (10 us + 2 ns per coordinate)."""
-    return max(1, int(1.5 * min_call_s / (10e-6 + 2e-9 * n * d)))
+class Timing(NamedTuple):
+    """How to time: calls of >= ``min_call_s`` with >= ``min_steps`` steps each."""
+
+    min_call_s: float
+    repeats: int
+    min_steps: int
 
 
-def time_scanned(build, state, args, min_call_s, repeats, k=1, max_k=1 << 20):
+def guess_k(n, d, timing):
+    """Steps per call from a rough cost model (10 us + 2 ns per coordinate).
+
+    At least ``timing.min_steps``: a call's one-off costs (dispatch, and the page
+    faults of temporary [N, D] buffers that XLA allocates afresh on every call)
+    must not be charged to a single step.
+    """
+    est = int(1.5 * timing.min_call_s / (10e-6 + 2e-9 * n * d))
+    return max(timing.min_steps, est)
+
+
+def time_scanned(build, state, args, timing, k, max_k=1 << 20):
     """Time ``build(k)(state, *args) -> (state, aux)``, a jitted ``k``-step scan.
 
     Starting from the guess ``k``, ``k`` grows (recompiling) until one call takes
@@ -105,11 +125,11 @@ def time_scanned(build, state, args, min_call_s, repeats, k=1, max_k=1 << 20):
         t0 = time.perf_counter()
         state, _ = _block(compiled(state, *args))
         t = time.perf_counter() - t0
-        if t >= min_call_s or k >= max_k:
+        if t >= timing.min_call_s or k >= max_k:
             break
-        k = min(max_k, math.ceil(k * 1.3 * min_call_s / max(t, 1e-5)))
+        k = min(max_k, math.ceil(k * 1.3 * timing.min_call_s / max(t, 1e-5)))
     times = [t]
-    for _ in range(repeats - 1):
+    for _ in range(timing.repeats - 1):
         t0 = time.perf_counter()
         state, _ = _block(compiled(state, *args))
         times.append(time.perf_counter() - t0)
@@ -131,7 +151,7 @@ def time_eval(fitness, x, min_call_s):
     f = jax.jit(jax.vmap(fitness))
     f(x).block_until_ready()
     calls, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < min_call_s:
+    while calls == 0 or time.perf_counter() - t0 < min_call_s:
         f(x).block_until_ready()
         calls += 1
     return 1e3 * (time.perf_counter() - t0) / calls
@@ -140,7 +160,7 @@ def time_eval(fitness, x, min_call_s):
 # --- libraries ----------------------------------------------------------------
 
 
-def bench_pso_jax(fitness, n, d, random_factors, min_call_s, repeats):
+def bench_pso_jax(fitness, n, d, random_factors, timing):
     opt = pso_jax.pso(
         lambda x, _batch: fitness(x),
         num_particles=n,
@@ -159,15 +179,14 @@ def bench_pso_jax(fitness, n, d, random_factors, min_call_s, repeats):
 
         return run
 
-    k = guess_k(n, d, min_call_s)
-    res, state = time_scanned(build, state, (key, hp), min_call_s, repeats, k)
+    res, state = time_scanned(build, state, (key, hp), timing, guess_k(n, d, timing))
     res["best_fitness"] = float(state.best_fitness)
     res["max_abs_x"] = float(jnp.max(jnp.abs(state.positions)))
-    res["eval_ms"] = time_eval(fitness, state.positions, min_call_s)
+    res["eval_ms"] = time_eval(fitness, state.positions, timing.min_call_s)
     return res
 
 
-def bench_evosax(fitness, n, d, min_call_s, repeats):
+def bench_evosax(fitness, n, d, timing):
     """evosax PSO, ask -> evaluate -> tell under ``lax.scan``, as in its docs."""
     es = evosax.algorithms.PSO(population_size=n, solution=jnp.zeros(d, jnp.float32))
     params = es.default_params
@@ -193,15 +212,15 @@ def bench_evosax(fitness, n, d, min_call_s, repeats):
 
         return run
 
-    k = guess_k(n, d, min_call_s)
-    res, state = time_scanned(build, state, (key, params), min_call_s, repeats, k)
+    k = guess_k(n, d, timing)
+    res, state = time_scanned(build, state, (key, params), timing, k)
     res["best_fitness"] = float(state.best_fitness)
     res["max_abs_x"] = float(jnp.max(jnp.abs(state.population)))
-    res["eval_ms"] = time_eval(fitness, state.population, min_call_s)
+    res["eval_ms"] = time_eval(fitness, state.population, timing.min_call_s)
     return res
 
 
-def bench_pyswarms(fitness_np, n, d, min_call_s, repeats):
+def bench_pyswarms(fitness_np, n, d, timing):
     """pyswarms GlobalBestPSO (float64), same coefficients as pso_jax."""
     np.random.seed(0)  # pyswarms draws from numpy's global generator
     options = dict(c1=1.49618, c2=1.49618, w=0.7298)
@@ -226,35 +245,42 @@ def bench_pyswarms(fitness_np, n, d, min_call_s, repeats):
             getattr(opt, name).clear()
         return t
 
-    k, t = 1, call(1)  # warm-up; sets the personal bests
-    while t < min_call_s:
-        k = math.ceil(k * 1.3 * min_call_s / max(t, 1e-5))
+    call(1)  # warm-up: the first iteration sets the personal bests
+    k, t = 1, call(1)
+    while t < timing.min_call_s:
+        k = math.ceil(k * 1.3 * timing.min_call_s / max(t, 1e-5))
         t = call(k)
-    times = [t] + [call(k) for _ in range(repeats - 1)]
-    return dict(ms=1e3 * statistics.median(times) / k, k=k, call_s=times)
+    times = [t] + [call(k) for _ in range(timing.repeats - 1)]
+    return dict(
+        ms=1e3 * statistics.median(times) / k, k=k, call_s=times, repeats=len(times)
+    )
 
 
-def bench_roofline(n, d, min_call_s, repeats):
+def bench_roofline(n, d, timing):
     """GB/s of ``x += a * y`` on f32 [n, d] arrays, ``x`` donated (in place).
 
-    One output only: XLA's CPU backend does not fuse sibling outputs, so an
-    update writing three donated arrays gets extra copies and would understate
-    the bandwidth (see the report). Bytes moved: read x, a, y, write x.
+    One jitted call per update, not a scan: XLA hoists the loop-invariant
+    ``a * y`` out of a scan into a fresh buffer. One output only: XLA's CPU
+    backend does not fuse sibling outputs, so an update writing three donated
+    arrays gets extra copies. Bytes moved per call: read x, a, y, write x.
     """
     x, a, y = (jnp.full((n, d), c, jnp.float32) for c in (0.0, 0.5, 0.25))
-
-    def build(k):
-        def run(x, a, y):
-            return jax.lax.scan(lambda x, _: (x + a * y, None), x, None, length=k)
-
-        return run
-
-    k = guess_k(n, d, min_call_s)
-    res, x = time_scanned(build, x, (a, y), min_call_s, repeats, k)
-    res["bytes_per_iter"] = 4 * 4 * n * d
-    res["gb_per_s"] = res["bytes_per_iter"] / (res["ms"] * 1e-3) / 1e9
+    update = jax.jit(lambda x, a, y: x + a * y, donate_argnums=0)
+    x = _block(update(x, a, y))
+    times = []
+    while len(times) < 5 * timing.repeats or sum(times) < timing.min_call_s:
+        t0 = time.perf_counter()
+        x = _block(update(x, a, y))
+        times.append(time.perf_counter() - t0)
     del x, a, y
-    return res
+    ms = 1e3 * statistics.median(times)
+    nbytes = 4 * 4 * n * d
+    return dict(
+        ms=ms,
+        calls=len(times),
+        bytes_per_call=nbytes,
+        gb_per_s=nbytes / (ms * 1e-3) / 1e9,
+    )
 
 
 # --- main ---------------------------------------------------------------------
@@ -316,9 +342,15 @@ def write_markdown(path, result):
         f"{_loads(info['loadavg_start'])}, at end {_loads(result['loadavg_end'])} "
         "(the machine is shared: absolute times drift, compare ratios).",
         "",
+        f"Steps per timed call k >= {result['settings']['min_steps']} (per-call "
+        "costs such as fresh temporary buffers are amortised over k steps).",
+        "",
         f"Roofline: `x += a * y` on float32 [{roof['n']}, {roof['d']}] arrays, x "
         "donated (in place; 16 bytes per element moved) = "
-        f"**{roof['gb_per_s']:.1f} GB/s**. Roofline fraction "
+        f"**{roof['gb_per_s']:.1f} GB/s** (median call; the best of the readings "
+        "at the start, before each largest-D cell and at the end: "
+        + " / ".join(f"{g:.1f}" for g in roof["gb_per_s_readings"])
+        + " GB/s). Roofline fraction "
         "= 6·4·N·D bytes (x, v, pbest read and written) / step time / that "
         "bandwidth, for pso_jax sphere rows (meaningful only at large N·D; small "
         "cells fit in cache).",
@@ -389,12 +421,48 @@ def write_markdown(path, result):
     path.write_text("\n".join(lines) + "\n")
 
 
+def bench_cell(n, d, name, args, timing, ns_per_elem):
+    """Time every library on one ``(N, D, fitness)`` cell; free memory between."""
+    fit = JAX_FITNESS[name]
+    row = dict(n=n, d=d, fitness=name)
+    for key, rf in (
+        ("pso_jax_per_dim", "per_dimension"),
+        ("pso_jax_per_particle", "per_particle"),
+    ):
+        row[key] = bench_pso_jax(fit, n, d, rf, timing)
+        gc.collect()
+    row["evosax"] = bench_evosax(fit, n, d, timing)
+    gc.collect()
+    # pyswarms is slow: as many timed iterations as fit in the budget (after a
+    # warm-up one), at least 2; skip the cell if even that is projected over it.
+    iter_s = ns_per_elem.get(name, 0.0) * 1e-9 * n * d
+    reps = timing.repeats if iter_s == 0 else int(args.pyswarms_max_s / iter_s) - 1
+    if reps < 2:
+        row["pyswarms"] = dict(
+            skipped=f"skipped: projected {3 * iter_s:.0f} s for 3 iterations > "
+            f"{args.pyswarms_max_s:.0f} s"
+        )
+    else:
+        ps_timing = timing._replace(repeats=min(reps, timing.repeats))
+        row["pyswarms"] = bench_pyswarms(NP_FITNESS[name], n, d, ps_timing)
+        per = row["pyswarms"]["ms"] * 1e6 / (n * d)
+        ns_per_elem[name] = max(ns_per_elem.get(name, 0.0), per)
+    gc.collect()
+    return row
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="reduced grid, for CI")
     ap.add_argument("--out", default="benchmarks/results", type=Path)
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--min-call-s", type=float, default=0.2)
+    ap.add_argument(
+        "--min-steps",
+        type=int,
+        default=4,
+        help="fewest scan steps per timed call (amortises per-call costs)",
+    )
     ap.add_argument(
         "--pyswarms-max-s",
         type=float,
@@ -403,6 +471,7 @@ def main(argv=None):
     )
     args = ap.parse_args(argv)
     repeats = args.repeats or (3 if args.quick else 5)
+    timing = Timing(args.min_call_s, repeats, args.min_steps)
     ns, ds = (QUICK_NS, QUICK_DS) if args.quick else (NS, DS)
     command = "PYTHONPATH=. .venv/bin/python benchmarks/swarm_step.py " + " ".join(
         sys.argv[1:] if argv is None else argv
@@ -410,68 +479,53 @@ def main(argv=None):
     info = machine_info()
     print(info, flush=True)
 
+    # The machine's memory bandwidth is shared and drifts: read it at the start,
+    # before every largest-D cell and at the end; the best reading is the roofline.
     n_roof, d_roof = max(ns), max(ds)
-    roof = bench_roofline(n_roof, d_roof, args.min_call_s, repeats)
-    roof.update(n=n_roof, d=d_roof)
-    print(f"roofline {roof['gb_per_s']:.1f} GB/s", flush=True)
-    gc.collect()
+    roofs = []
 
+    def read_roofline():
+        roofs.append(bench_roofline(n_roof, d_roof, timing))
+        gc.collect()
+        print(f"roofline {roofs[-1]['gb_per_s']:.1f} GB/s", flush=True)
+
+    read_roofline()
     rows = []
     ns_per_elem = {}  # pyswarms' cost per N*D element so far, per fitness
     t_start = time.perf_counter()
     for d in ds:
         for n in ns:
+            if d == d_roof:
+                read_roofline()
             for name in FITNESSES:
-                fit = JAX_FITNESS[name]
-                row = dict(n=n, d=d, fitness=name)
-                row["pso_jax_per_dim"] = bench_pso_jax(
-                    fit, n, d, "per_dimension", args.min_call_s, repeats
-                )
-                gc.collect()
-                row["pso_jax_per_particle"] = bench_pso_jax(
-                    fit, n, d, "per_particle", args.min_call_s, repeats
-                )
-                gc.collect()
-                row["evosax"] = bench_evosax(fit, n, d, args.min_call_s, repeats)
-                gc.collect()
-                # Projected pyswarms time: warm-up + repeats iterations.
-                est_s = ns_per_elem.get(name, 0.0) * 1e-9 * n * d * (repeats + 1)
-                if est_s > args.pyswarms_max_s:
-                    row["pyswarms"] = dict(
-                        skipped=f"skipped: projected {est_s:.0f} s > "
-                        f"{args.pyswarms_max_s:.0f} s"
-                    )
-                else:
-                    row["pyswarms"] = bench_pyswarms(
-                        NP_FITNESS[name], n, d, args.min_call_s, repeats
-                    )
-                    per = row["pyswarms"]["ms"] * 1e6 / (n * d)
-                    ns_per_elem[name] = max(ns_per_elem.get(name, 0.0), per)
-                gc.collect()
-                if name == "sphere":
-                    bytes_ = 6 * 4 * n * d
-                    bw = roof["gb_per_s"] * 1e9
-                    row["roofline_fraction"] = {
-                        k.removeprefix("pso_jax_"): bytes_ / (row[k]["ms"] * 1e-3) / bw
-                        for k in ("pso_jax_per_dim", "pso_jax_per_particle")
-                    }
-                rows.append(row)
+                rows.append(bench_cell(n, d, name, args, timing, ns_per_elem))
                 print(
                     f"[{time.perf_counter() - t_start:6.0f} s] N={n} D={d} {name}: "
                     + ", ".join(
-                        f"{k}={row[k].get('ms', float('nan')):.3f} ms"
+                        f"{k}={rows[-1][k].get('ms', float('nan')):.3f} ms"
                         for k in (*JAX_IMPLS, "pyswarms")
                     ),
                     flush=True,
                 )
+    read_roofline()
+    roof = dict(max(roofs, key=lambda r: r["gb_per_s"]), n=n_roof, d=d_roof)
+    roof["gb_per_s_readings"] = [r["gb_per_s"] for r in roofs]
+    for row in rows:
+        if row["fitness"] == "sphere":
+            bytes_ = 6 * 4 * row["n"] * row["d"]
+            row["roofline_fraction"] = {
+                k.removeprefix("pso_jax_"): bytes_
+                / (row[k]["ms"] * 1e-3)
+                / (roof["gb_per_s"] * 1e9)
+                for k in ("pso_jax_per_dim", "pso_jax_per_particle")
+            }
 
     args.out.mkdir(parents=True, exist_ok=True)
     result = dict(
         command=command,
         machine=info,
         settings=dict(
-            repeats=repeats,
-            min_call_s=args.min_call_s,
+            **timing._asdict(),
             pyswarms_max_s=args.pyswarms_max_s,
             quick=args.quick,
         ),

@@ -1,0 +1,437 @@
+"""Building blocks for 3D-conv video models that vmap well over particles.
+
+A swarm evaluates ``jax.vmap(apply, in_axes=(0, None))(swarm_params, clips)``. Left
+to itself, vmap turns every convolution whose input *and* kernel carry the particle
+axis into one grouped convolution (``feature_group_count=P``), and XLA's CPU
+backend runs grouped and depthwise 3D convolutions far below its matmul speed
+(``benchmarks/results/video_fitness.md``). The layers here keep the maths of
+``flax.linen.Conv`` (same parameter names and shapes) but choose the lowering:
+
+- :func:`conv3d` computes a ``kt x kh x kw`` convolution as *one* 2D convolution
+  over the frames (batch and time merged): either on the ``kt`` time-shifted
+  frames stacked along channels (``kt * C_in`` inputs), or with ``kt * C_out``
+  outputs (every temporal tap) followed by a sum of time-shifted slices,
+  whichever copies the smaller tensor. XLA's 2D convolution is several times
+  faster than its 3D one on CPU. Its vmap rule (``custom_vmap``)
+  runs one ordinary convolution per particle (``lax.map``) instead of a grouped
+  one, folds the particle axis into the output channels when the input is shared
+  (the stem) and into the batch when only the input is batched.
+- :func:`depthwise_conv3d` is a sum of shifted, scaled copies (one fused
+  elementwise loop) rather than XLA's depthwise convolution.
+- :func:`space_to_depth` is the tubelet patchify of ViViT (Arnab et al., 2021):
+  followed by a Dense layer it makes the first layer a matmul.
+- :func:`call_per_particle` runs a whole submodule once per particle
+  (``lax.map``) when vmap batches its parameters, so every intermediate of one
+  particle stays small and cache-resident instead of ``P`` times larger.
+
+XLA runs its CPU convolutions on one thread: to use every core, shard the
+particles over host devices (``--xla_force_host_platform_device_count`` and
+``jax.shard_map`` over a ``"particles"`` axis), one device per core.
+
+Norms are GroupNorm or LayerNorm, never BatchNorm, so ``model.apply({'params':
+p}, x)`` is the whole forward pass and nothing mutable needs threading through a
+swarm state.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+IMPLS = ("fast", "xla")
+NORMS = ("group", "layer", "none")
+
+_DN2 = ("NHWC", "HWIO", "NHWC")
+_DN3 = ("NDHWC", "DHWIO", "NDHWC")
+
+
+def _conv2d(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """'SAME', stride-1 2D convolution: x [N, H, W, Ci], kernel [kh, kw, Ci, Co]."""
+    return lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=_DN2)
+
+
+def _conv3d_impl(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """One particle's 3D convolution through 2D convolutions (see module doc)."""
+    kt, kh, kw, cin, cout = kernel.shape
+    n, t, h, w, _ = x.shape
+    if kt == 1:  # spatial only: frames are independent images
+        y = _conv2d(x.reshape(n * t, h, w, cin), kernel[0])
+        return y.reshape(n, t, h, w, cout)
+    if kh == kw == 1:  # temporal only: a (kt, 1) kernel over [N, T, H*W, C]
+        y = _conv2d(x.reshape(n, t, h * w, cin), kernel[:, 0])
+        return y.reshape(n, t, h, w, cout)
+    pad = ((kt - 1) // 2, kt // 2)  # XLA's 'SAME'
+    if cin <= cout:
+        # Stack the kt time-shifted frames along channels (the smaller tensor is
+        # the one copied kt times): one 2D convolution with kt * cin inputs.
+        xp = jnp.pad(x, ((0, 0), pad, (0, 0), (0, 0), (0, 0)))
+        xt = jnp.concatenate([xp[:, i : i + t] for i in range(kt)], axis=-1)
+        k2 = jnp.moveaxis(kernel, 0, 2).reshape(kh, kw, kt * cin, cout)
+        y = _conv2d(xt.reshape(n * t, h, w, kt * cin), k2)
+        return y.reshape(n, t, h, w, cout)
+    # Frame t' gives kt partial outputs y[t', i] = conv2d(x[t'], K[i]) in one
+    # convolution with kt * cout outputs; out[t] = sum_i y[t + i - pad, i].
+    k2 = jnp.moveaxis(kernel, 0, -2).reshape(kh, kw, cin, kt * cout)
+    y = _conv2d(x.reshape(n * t, h, w, cin), k2).reshape(n, t, h, w, kt, cout)
+    y = jnp.pad(y, ((0, 0), pad, (0, 0), (0, 0), (0, 0), (0, 0)))
+    return sum(y[:, i : i + t, :, :, i] for i in range(kt))
+
+
+@jax.custom_batching.custom_vmap
+def _conv3d_vmappable(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    return _conv3d_impl(x, kernel)
+
+
+def _on_cpu() -> bool:
+    # The loops below are a CPU schedule; GPUs/TPUs run XLA's batched (grouped)
+    # convolutions well, so there the rules fall back to an ordinary vmap.
+    return jax.default_backend() == "cpu"
+
+
+@_conv3d_vmappable.def_vmap
+def _conv3d_vmap_rule(axis_size, in_batched, x, kernel):
+    x_batched, kernel_batched = in_batched
+    if not _on_cpu():
+        in_axes = (0 if x_batched else None, 0 if kernel_batched else None)
+        return jax.vmap(_conv3d_impl, in_axes=in_axes)(x, kernel), True
+    if x_batched and kernel_batched:
+        # P ordinary convolutions in a loop beat one grouped convolution on CPU.
+        out = lax.map(lambda xk: _conv3d_vmappable(*xk), (x, kernel))
+    elif kernel_batched:
+        # Shared input (the stem): one convolution with P * cout output channels.
+        kernel = jnp.moveaxis(kernel, 0, -2)  # [kt, kh, kw, Ci, P, Co]
+        cout = kernel.shape[-1]
+        y = _conv3d_vmappable(x, kernel.reshape(*kernel.shape[:-2], -1))
+        out = jnp.moveaxis(y.reshape(*y.shape[:-1], axis_size, cout), -2, 0)
+    else:
+        # Batched input, shared kernel: fold the mapped axis into the batch.
+        y = _conv3d_vmappable(x.reshape(-1, *x.shape[2:]), kernel)
+        out = y.reshape(axis_size, -1, *y.shape[1:])
+    return out, True
+
+
+@jax.custom_jvp
+def conv3d(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """'SAME', stride-1 3D convolution that vmaps to per-particle convolutions.
+
+    Numerically the convolution of ``flax.linen.Conv`` (no bias) computed through
+    2D convolutions; see the module docstring for the lowering
+    and the vmap rule. Differentiable (forward and reverse mode); derivatives use
+    XLA's own convolutions.
+
+    Args:
+      x: clips, ``[B, T, H, W, C_in]`` float, one particle (no particle axis).
+      kernel: ``[kt, kh, kw, C_in, C_out]``, one particle.
+
+    Returns:
+      ``[B, T, H, W, C_out]``.
+
+    >>> x = jnp.ones((1, 4, 8, 8, 3))
+    >>> conv3d(x, jnp.ones((3, 3, 3, 3, 5))).shape
+    (1, 4, 8, 8, 5)
+    """
+    return _conv3d_vmappable(x, kernel)
+
+
+@conv3d.defjvp
+def _conv3d_jvp(primals, tangents):
+    x, kernel = primals
+    dx, dkernel = tangents
+    # The primal keeps the fast lowering; tangents use XLA's (linear,
+    # transposable) convolution so reverse mode works too.
+    return conv3d(x, kernel), _xla_conv3d(dx, kernel) + _xla_conv3d(x, dkernel)
+
+
+def _xla_conv3d(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    return lax.conv_general_dilated(
+        x, kernel, (1, 1, 1), "SAME", dimension_numbers=_DN3
+    )
+
+
+def depthwise_conv3d(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """'SAME', stride-1 depthwise 3D convolution as a sum of shifted copies.
+
+    XLA's CPU depthwise convolution (``feature_group_count=C``) is slow, and
+    slower still once vmap folds particles into its groups; the shifted sum fuses
+    into one elementwise loop that vmap simply widens.
+
+    Args:
+      x: ``[B, T, H, W, C]``, one particle.
+      kernel: ``[kt, kh, kw, 1, C]`` (the layout of ``flax.linen.Conv`` with
+        ``feature_group_count=C``), one particle.
+
+    Returns:
+      ``[B, T, H, W, C]``.
+
+    >>> depthwise_conv3d(jnp.ones((1, 2, 4, 4, 8)), jnp.ones((3, 3, 3, 1, 8))).shape
+    (1, 2, 4, 4, 8)
+    """
+    kt, kh, kw = kernel.shape[:3]
+    _, t, h, w, _ = x.shape
+    pads = [((k - 1) // 2, k // 2) for k in (kt, kh, kw)]  # XLA's 'SAME'
+    xp = jnp.pad(x, [(0, 0), *pads, (0, 0)])
+    out = jnp.zeros_like(x)
+    for i in range(kt):
+        for j in range(kh):
+            for m in range(kw):
+                out = out + xp[:, i : i + t, j : j + h, m : m + w] * kernel[i, j, m, 0]
+    return out
+
+
+def space_to_depth(x: jax.Array, patch: Sequence[int]) -> jax.Array:
+    """Cut clips into non-overlapping tubelets and flatten each into channels.
+
+    Args:
+      x: ``[B, T, H, W, C]``; T, H, W divisible by ``patch``.
+      patch: tubelet size ``(pt, ph, pw)``.
+
+    Returns:
+      ``[B, T/pt, H/ph, W/pw, pt*ph*pw*C]``.
+
+    Raises:
+      ValueError: if a dimension is not divisible by its patch size.
+
+    >>> space_to_depth(jnp.ones((2, 8, 32, 32, 3)), (2, 4, 4)).shape
+    (2, 4, 8, 8, 96)
+    """
+    b, t, h, w, c = x.shape
+    pt, ph, pw = patch
+    if t % pt or h % ph or w % pw:
+        raise ValueError(f"clip dims {(t, h, w)} not divisible by tubelet {patch}")
+    x = x.reshape(b, t // pt, pt, h // ph, ph, w // pw, pw, c)
+    x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7)
+    return x.reshape(b, t // pt, h // ph, w // pw, pt * ph * pw * c)
+
+
+def max_pool(x: jax.Array, window: Sequence[int]) -> jax.Array:
+    """Non-overlapping max pool over (T, H, W); x is ``[B, T, H, W, C]``.
+
+    A reshape and a max (one fused reduction) when the window divides the clip,
+    else ``flax.linen.max_pool`` with 'VALID' padding.
+    """
+    b, t, h, w, c = x.shape
+    pt, ph, pw = window
+    if t % pt or h % ph or w % pw:
+        return nn.max_pool(x, tuple(window), strides=tuple(window), padding="VALID")
+    x = x.reshape(b, t // pt, pt, h // ph, ph, w // pw, pw, c)
+    return x.max(axis=(2, 4, 6))
+
+
+class GroupNorm(nn.Module):
+    """GroupNorm (Wu & He, 2018) over ``[B, ..., C]``: ``flax.linen.GroupNorm``'s
+    maths and parameters (``scale``, ``bias`` of shape ``[C]``; fast variance
+    ``E[x^2] - E[x]^2``), computed for speed on CPU.
+
+    Statistics are per-channel sums over all positions (a reduction along rows,
+    vectorised across channels) combined per group on a ``[B, C]`` array, and the
+    output is one fused ``x * a + b`` with per-(sample, channel) ``a``, ``b``:
+    about 4x faster than ``nn.GroupNorm``'s grouped reshape for small groups.
+
+    Attributes:
+      num_groups: number of channel groups; must divide ``C``.
+      epsilon: added to the variance.
+    """
+
+    num_groups: int = 8
+    epsilon: float = 1e-6
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, c = x.shape[0], x.shape[-1]
+        g = self.num_groups
+        if c % g:
+            raise ValueError(f"{g} groups do not divide {c} channels")
+        scale = self.param("scale", nn.initializers.ones, (c,))
+        bias = self.param("bias", nn.initializers.zeros, (c,))
+        xf = x.reshape(b, -1, c)
+        count = xf.shape[1] * (c // g)
+        mean = jnp.sum(xf, axis=1).reshape(b, g, -1).sum(-1) / count  # [b, g]
+        mean2 = jnp.sum(xf * xf, axis=1).reshape(b, g, -1).sum(-1) / count
+        inv = lax.rsqrt(jnp.maximum(mean2 - mean * mean, 0.0) + self.epsilon)
+        a = jnp.repeat(inv, c // g, axis=1) * scale  # [b, c]
+        shift = bias - jnp.repeat(mean, c // g, axis=1) * a
+        return (xf * a[:, None] + shift[:, None]).reshape(x.shape)
+
+
+def norm(x: jax.Array, kind: str, name: str) -> jax.Array:
+    """Apply a GroupNorm, LayerNorm or nothing, over channels (inside compact).
+
+    GroupNorm (:class:`GroupNorm`) uses ``gcd(C, 8)`` groups, so any channel
+    count works.
+    """
+    if kind == "group":
+        return GroupNorm(num_groups=math.gcd(x.shape[-1], 8), name=name)(x)
+    if kind == "layer":
+        return nn.LayerNorm(name=name)(x)
+    if kind == "none":
+        return x
+    raise ValueError(f"norm must be one of {NORMS}, got {kind!r}")
+
+
+def _apply_params(module: nn.Module, params: Any, x: jax.Array) -> jax.Array:
+    return module.apply({"params": params}, x)
+
+
+def _per_particle_fn(module: nn.Module) -> Callable[[Any, jax.Array], jax.Array]:
+    """``fn(params, x) = module.apply({'params': params}, x)`` whose vmap rule
+    loops over the batched axis with ``lax.map`` when any parameter is batched."""
+
+    @jax.custom_batching.custom_vmap
+    def fn(params, x):
+        return _apply_params(module, params, x)
+
+    @fn.def_vmap
+    def rule(axis_size, in_batched, params, x):
+        leaves, treedef = jax.tree.flatten((params, x))
+        flags = jax.tree.leaves(in_batched)
+        if not any(jax.tree.leaves(in_batched[0])) or not _on_cpu():
+            # Only the input is batched (shared parameters), or not a CPU: an
+            # ordinary vmap.
+            plain = functools.partial(_apply_params, module)
+            in_axes = jax.tree.map(lambda b: 0 if b else None, in_batched)
+            return jax.vmap(plain, in_axes=in_axes)(params, x), True
+
+        def one(mapped):
+            it = iter(mapped)
+            full = [
+                next(it) if flag else leaf
+                for leaf, flag in zip(leaves, flags, strict=True)
+            ]
+            return differentiable(*jax.tree.unflatten(treedef, full))
+
+        mapped = [leaf for leaf, flag in zip(leaves, flags, strict=True) if flag]
+        return lax.map(one, mapped), True
+
+    @jax.custom_jvp
+    def differentiable(params, x):
+        return fn(params, x)
+
+    @differentiable.defjvp
+    def _jvp(primals, tangents):
+        # Derivatives go through the plain vmap-able function (the batching rule
+        # above only changes how the primal is scheduled).
+        return jax.jvp(functools.partial(_apply_params, module), primals, tangents)
+
+    return differentiable
+
+
+def call_per_particle(parent: nn.Module, child: nn.Module, x: jax.Array) -> Any:
+    """Call ``child(x)`` (inside ``parent``'s compact method), scheduled per particle.
+
+    Numerically ``child(x)``. Under ``jax.vmap`` over a particle axis of the
+    parameters, the child runs once per particle in a ``lax.map`` loop rather
+    than as one vmapped (grouped-convolution) graph over all particles: each
+    particle's activations are small enough to stay in cache, and XLA's ordinary
+    convolutions replace grouped ones. Leaves that are not batched (a frozen,
+    shared backbone) are closed over, not copied; if no parameter of the child is
+    batched, no loop is made at all. Only the ``"params"`` collection is
+    supported (the models here have no other).
+
+    Args:
+      parent: the calling module (its ``variables`` hold the child's params).
+      child: a submodule constructed in ``parent``'s compact method, with a name.
+      x: the child's input (with or without a batch axis of its own).
+
+    Returns:
+      ``child(x)``.
+    """
+    if parent.is_initializing():
+        return child(x)
+    params = parent.variables["params"][child.name]
+    unbound = child.clone(parent=None, name=None)
+    return _per_particle_fn(unbound)(params, x)
+
+
+class Conv3D(nn.Module):
+    """A 'SAME', stride-1 3D convolution with a bias: ``flax.linen.Conv``'s maths.
+
+    Parameters are ``kernel [kt, kh, kw, C_in, features]`` and ``bias
+    [features]``, as in ``nn.Conv``, for any ``impl``.
+
+    Attributes:
+      features: output channels.
+      kernel_size: ``(kt, kh, kw)``, odd sizes.
+      depthwise: one filter per channel (``features`` must equal ``C_in``).
+      impl: ``"fast"`` (:func:`conv3d` / :func:`depthwise_conv3d`) or ``"xla"``
+        (``lax.conv_general_dilated``, what ``nn.Conv`` does; the baseline).
+      use_bias: add a bias.
+    """
+
+    features: int
+    kernel_size: tuple[int, int, int] = (3, 3, 3)
+    depthwise: bool = False
+    impl: str = "fast"
+    use_bias: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cin = x.shape[-1]
+        if self.depthwise and self.features != cin:
+            raise ValueError(f"depthwise needs features == C_in, got {cin}")
+        in_per_group = 1 if self.depthwise else cin
+        kernel = self.param(
+            "kernel",
+            nn.initializers.lecun_normal(),
+            (*self.kernel_size, in_per_group, self.features),
+        )
+        if self.impl == "fast":
+            fn = depthwise_conv3d if self.depthwise else conv3d
+            y = fn(x, kernel)
+        elif self.impl == "xla":
+            y = lax.conv_general_dilated(
+                x,
+                kernel,
+                (1, 1, 1),
+                "SAME",
+                dimension_numbers=_DN3,
+                feature_group_count=cin if self.depthwise else 1,
+            )
+        else:
+            raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,))
+        return y
+
+
+class Stem(nn.Module):
+    """Turn clips into ``[B, T/pt, H/ph, W/pw, features]`` features.
+
+    ``kind="tubelet"``: a Dense layer on clips already cut into tubelets by
+    :func:`space_to_depth` (``[B, T/pt, H/ph, W/pw, pt*ph*pw*C]``; the models do
+    the cut once for the whole swarm, outside the per-particle part), which makes
+    the first layer a matmul. ``kind="conv"``: a 3x3x3 convolution of the raw
+    ``[B, T, H, W, C]`` clips at full resolution, then a max pool by the tubelet
+    size (the classic C3D stem; its 3 input channels make it slow). Both are
+    followed by the norm and a ReLU.
+
+    Attributes:
+      features: output channels.
+      kind: ``"tubelet"`` or ``"conv"``.
+      patch: tubelet / pool size ``(pt, ph, pw)``.
+      norm: ``"group"``, ``"layer"`` or ``"none"``.
+      impl: convolution lowering for ``kind="conv"`` (see :class:`Conv3D`).
+    """
+
+    features: int
+    kind: str = "tubelet"
+    patch: tuple[int, int, int] = (2, 4, 4)
+    norm: str = "group"
+    impl: str = "fast"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.kind == "tubelet":
+            x = nn.Dense(self.features, name="proj")(x)
+        elif self.kind == "conv":
+            x = Conv3D(self.features, (3, 3, 3), impl=self.impl, name="conv")(x)
+            x = max_pool(x, self.patch)
+        else:
+            raise ValueError(f"stem must be 'tubelet' or 'conv', got {self.kind!r}")
+        return nn.relu(norm(x, self.norm, "norm"))

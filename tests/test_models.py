@@ -1,0 +1,385 @@
+"""Tests for pso_jax.models (3D-conv video classifiers) and pso_jax.flax_utils."""
+
+from __future__ import annotations
+
+import functools
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from pso_jax import flax_utils
+from pso_jax.models import (
+    MODELS,
+    STEMS,
+    conv3d,
+    count_flops,
+    depthwise_conv3d,
+    flops_per_clip,
+    make_model,
+    param_count,
+    space_to_depth,
+)
+from pso_jax.models.layers import GroupNorm
+from pso_jax.tree_utils import combine, partition
+
+NUM_CLASSES = 5
+WIDTH = 8
+# Tiny clips: [B, T, H, W, C]; tubelet (2, 4, 4) -> 2 x 4 x 4 positions.
+CLIP_SHAPE = (4, 16, 16, 3)
+NUM_PARTICLES = 3
+
+# Parameter counts at width 16, 10 classes (the documented small config).
+PARAM_COUNTS = {
+    ("c3d", "tubelet"): 71_642,
+    ("c3d", "conv"): 71_402,
+    ("r2plus1d", "tubelet"): 43_866,
+    ("r2plus1d", "conv"): 43_626,
+    ("x3d", "tubelet"): 22_570,
+    ("x3d", "conv"): 22_330,
+}
+DN3 = ("NDHWC", "DHWIO", "NDHWC")
+
+
+@pytest.fixture(scope="module")
+def clips():
+    return jax.random.normal(jax.random.key(1), (2, *CLIP_SHAPE))
+
+
+def _model(name, **kwargs):
+    return make_model(name, NUM_CLASSES, width=WIDTH, **kwargs)
+
+
+def _apply(model):
+    return flax_utils.apply_fn(model)
+
+
+@functools.cache
+def _swarm_init(name):
+    """Jitted ``init_swarm_params`` for the tiny clips, compiled once per model."""
+    sample = jax.ShapeDtypeStruct((1, *CLIP_SHAPE), jnp.float32)
+    return jax.jit(
+        lambda key: flax_utils.init_swarm_params(
+            _model(name), key, NUM_PARTICLES, sample
+        )
+    )
+
+
+@functools.cache
+def _swarm(name, seed=0):
+    """A swarm for the tiny clips, built once per test session."""
+    return _swarm_init(name)(jax.random.key(seed))
+
+
+def _params(name):
+    return flax_utils.unstack(_swarm(name))[0]
+
+
+def _xent(logits, labels):
+    logp = jax.nn.log_softmax(logits)
+    return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=1))
+
+
+# --- layers -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "ksize, cin, cout",
+    [((3, 3, 3), 3, 5), ((3, 3, 3), 6, 2), ((1, 3, 3), 3, 5), ((3, 1, 1), 3, 5)]
+    + [((1, 1, 1), 3, 5), ((5, 3, 1), 4, 4)],
+)
+def test_conv3d_matches_xla(ksize, cin, cout):
+    # cin <= cout stacks time-shifted inputs; cin > cout sums shifted outputs.
+    kx, kk = jax.random.split(jax.random.key(0))
+    x = jax.random.normal(kx, (2, 4, 6, 6, cin))
+    kernel = jax.random.normal(kk, (*ksize, cin, cout))
+    want = lax.conv_general_dilated(x, kernel, (1, 1, 1), "SAME", dimension_numbers=DN3)
+    chex.assert_trees_all_close(jax.jit(conv3d)(x, kernel), want, atol=1e-4)
+
+
+@pytest.mark.parametrize("in_axes", [(0, 0), (None, 0), (0, None)])
+def test_conv3d_vmap_rules_match_loop(in_axes):
+    # (0, 0): one conv per particle; (None, 0): shared input folded into output
+    # channels; (0, None): shared kernel folded into the batch.
+    kx, kk = jax.random.split(jax.random.key(0))
+    xs = jax.random.normal(kx, (3, 2, 4, 6, 6, 3))
+    ks = jax.random.normal(kk, (3, 3, 3, 3, 3, 5))
+    x_arg = xs if in_axes[0] == 0 else xs[0]
+    k_arg = ks if in_axes[1] == 0 else ks[0]
+    got = jax.jit(jax.vmap(conv3d, in_axes=in_axes))(x_arg, k_arg)
+    want = jnp.stack(
+        [
+            conv3d(
+                xs[i] if in_axes[0] == 0 else x_arg, ks[i] if in_axes[1] == 0 else k_arg
+            )
+            for i in range(3)
+        ]
+    )
+    chex.assert_trees_all_close(got, want, atol=1e-4)
+
+
+def test_conv3d_grad_matches_xla():
+    kx, kk = jax.random.split(jax.random.key(0))
+    x = jax.random.normal(kx, (1, 4, 6, 6, 2))
+    kernel = jax.random.normal(kk, (3, 3, 3, 2, 4))
+
+    def xla(x, k):
+        return lax.conv_general_dilated(x, k, (1, 1, 1), "SAME", dimension_numbers=DN3)
+
+    def loss(conv):
+        return lambda x, k: jnp.sum(jnp.sin(conv(x, k)))
+
+    chex.assert_trees_all_close(
+        jax.jit(jax.grad(loss(conv3d), (0, 1)))(x, kernel),
+        jax.jit(jax.grad(loss(xla), (0, 1)))(x, kernel),
+        atol=1e-3,
+    )
+
+
+def test_depthwise_conv3d_matches_xla():
+    kx, kk = jax.random.split(jax.random.key(0))
+    x = jax.random.normal(kx, (2, 4, 6, 6, 4))
+    kernel = jax.random.normal(kk, (3, 3, 3, 1, 4))
+    want = lax.conv_general_dilated(
+        x, kernel, (1, 1, 1), "SAME", dimension_numbers=DN3, feature_group_count=4
+    )
+    chex.assert_trees_all_close(jax.jit(depthwise_conv3d)(x, kernel), want, atol=1e-4)
+
+
+@pytest.mark.parametrize("num_groups", [1, 4, 16])
+def test_group_norm_matches_flax(num_groups):
+    x = 2.0 * jax.random.normal(jax.random.key(0), (2, 3, 4, 4, 16)) + 1.0
+    keys = jax.random.split(jax.random.key(1), 2)
+    variables = {
+        "params": {
+            "scale": jax.random.normal(keys[0], (16,)),
+            "bias": jax.random.normal(keys[1], (16,)),
+        }
+    }
+    ours = jax.jit(GroupNorm(num_groups).apply)(variables, x)
+    want = jax.jit(nn.GroupNorm(num_groups=num_groups).apply)(variables, x)
+    chex.assert_trees_all_close(ours, want, atol=1e-5)
+
+
+def test_space_to_depth():
+    x = jnp.arange(2 * 4 * 8 * 8 * 3, dtype=jnp.float32).reshape(2, 4, 8, 8, 3)
+    y = space_to_depth(x, (2, 4, 4))
+    assert y.shape == (2, 2, 2, 2, 96)
+    # Tubelet (0, 1, 1) of clip 1 holds frames 0-1, rows 4-7, columns 4-7.
+    want = x[1, 0:2, 4:8, 4:8].reshape(-1)
+    np.testing.assert_array_equal(y[1, 0, 1, 1], want)
+    with pytest.raises(ValueError, match="divisible"):
+        space_to_depth(x, (3, 4, 4))
+
+
+# --- models -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("stem", STEMS)
+def test_shapes_and_param_counts(name, stem, clips):
+    model = _model(name, stem=stem)
+    init = functools.partial(flax_utils.init_params, model)
+    params = jax.eval_shape(init, jax.random.key(0), clips)
+    out = jax.eval_shape(_apply(model), params, clips)
+    assert out.shape == (clips.shape[0], NUM_CLASSES)
+    assert out.dtype == jnp.float32
+    # Param counts do not depend on the clip size (global pooling), only width.
+    big = make_model(name, 10, width=16, stem=stem)
+    abstract = jax.eval_shape(big.init, jax.random.key(0), clips)["params"]
+    assert param_count(abstract) == PARAM_COUNTS[(name, stem)]
+    assert 10_000 <= param_count(abstract) <= 100_000
+
+
+def test_c3d_flops_formula():
+    # Hand count, small config (8x32x32 -> 4x8x8 after the 2x4x4 tubelet), w=16.
+    w, pos = 16, 4 * 8 * 8
+    want = (
+        2 * pos * 96 * w  # tubelet Dense
+        + 2 * pos * 27 * w * 2 * w  # conv1 3x3x3
+        + 2 * (pos // 8) * 27 * 2 * w * 4 * w  # conv2 after the 2x2x2 pool
+        + 2 * 4 * w * 10  # head
+    )
+    assert flops_per_clip(make_model("c3d", 10), (8, 32, 32, 3)) == want
+    assert count_flops(lambda a, b: a @ b, jnp.ones((3, 4)), jnp.ones((4, 5))) == 120
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_vmap_equals_loop_and_xla(name, clips):
+    model = _model(name)
+    swarm = _swarm(name)
+    out = jax.jit(jax.vmap(_apply(model), in_axes=(0, None)))(swarm, clips)
+    assert out.shape == (NUM_PARTICLES, clips.shape[0], NUM_CLASSES)
+    one = jax.jit(_apply(model))
+    loop = jnp.stack([one(p, clips) for p in flax_utils.unstack(swarm)])
+    chex.assert_trees_all_close(out, loop, atol=1e-5)
+
+
+def test_vmap_variants_agree(clips):
+    # Plain vmap (no per-particle loop) and XLA's own convolutions: same function.
+    swarm = _swarm("c3d")
+    want = jax.jit(jax.vmap(_apply(_model("c3d")), in_axes=(0, None)))(swarm, clips)
+    for model in (_model("c3d", map_particles=False), _model("c3d", impl="xla")):
+        out = jax.jit(jax.vmap(_apply(model), in_axes=(0, None)))(swarm, clips)
+        chex.assert_trees_all_close(out, want, atol=1e-4)
+
+
+def test_vmap_frozen_backbone_equals_loop(clips):
+    # Only the head carries a particle axis: the body runs once, shared.
+    model = _model("r2plus1d")
+    params = _params("r2plus1d")
+    heads = _swarm("r2plus1d", seed=1)
+    mask = flax_utils.head_mask(params)
+    swarmed, _ = partition(heads, mask)
+    _, frozen = partition(params, mask)
+
+    def fitness(head, x):
+        return _apply(model)(combine(head, frozen), x)
+
+    out = jax.jit(jax.vmap(fitness, in_axes=(0, None)))(swarmed, clips)
+    one = jax.jit(fitness)
+    loop = jnp.stack([one(h, clips) for h in flax_utils.unstack(swarmed)])
+    chex.assert_trees_all_close(out, loop, atol=1e-5)
+
+
+def test_vmap_over_inputs_shared_params(clips):
+    # The other vmap direction: one particle, a stack of batches.
+    model = _model("c3d")
+    params, batches = _params("c3d"), jnp.stack([clips, 2.0 * clips])
+    out = jax.jit(jax.vmap(_apply(model), in_axes=(None, 0)))(params, batches)
+    one = jax.jit(_apply(model))
+    chex.assert_trees_all_close(out, jnp.stack([one(params, b) for b in batches]))
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_grad_finite(name, clips):
+    model = _model(name)
+    labels = jnp.arange(clips.shape[0]) % NUM_CLASSES
+
+    def loss_fn(p):
+        return _xent(_apply(model)(p, clips), labels)
+
+    grads = jax.jit(jax.grad(loss_fn))(_params(name))
+    chex.assert_tree_all_finite(grads)
+    assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
+
+
+@pytest.mark.parametrize("name", ["c3d"])
+def test_jit_equals_no_jit(name, clips):
+    # Eager evaluation dispatches op by op (seconds per model): one particle, one
+    # clip, one model (the layers are shared by all three).
+    model = _model(name)
+    params, x = _params(name), clips[:1]
+    fn = _apply(model)
+    chex.assert_trees_all_close(jax.jit(fn)(params, x), fn(params, x), atol=1e-5)
+
+
+def _drop_norms(tree):
+    return {
+        k: _drop_norms(v) if isinstance(v, dict) else v
+        for k, v in tree.items()
+        if not k.startswith("norm")
+    }
+
+
+@pytest.mark.parametrize("norm", ["layer", "none"])
+def test_other_norms(norm, clips):
+    model = _model("c3d", norm=norm)
+    # LayerNorm has GroupNorm's parameters (scale, bias); "none" has none.
+    params = _params("c3d")
+    if norm == "none":
+        params = _drop_norms(params)
+    want = jax.eval_shape(model.init, jax.random.key(0), clips)["params"]
+    chex.assert_trees_all_equal_shapes_and_dtypes(params, want)
+    out = jax.jit(_apply(model))(params, clips)
+    assert out.shape == (clips.shape[0], NUM_CLASSES)
+    chex.assert_tree_all_finite(out)
+    assert ("norm1" in params["body"]) == (norm != "none")
+
+
+def test_make_model_errors():
+    with pytest.raises(ValueError, match="unknown model"):
+        make_model("resnet", 10)
+    with pytest.raises(ValueError, match="norm"):
+        make_model("c3d", 10, norm="batch")
+    with pytest.raises(ValueError, match="stem"):
+        make_model("c3d", 10, stem="patch")
+    model = make_model("c3d", 10)
+    with pytest.raises(ValueError, match="clips"):
+        model.init(jax.random.key(0), jnp.zeros((4, 16, 16, 3)))
+
+
+# --- flax_utils -----------------------------------------------------------------
+
+
+def test_init_swarm_params_keys(clips):
+    a = _swarm("c3d")
+    b = _swarm_init("c3d")(jax.random.key(0))
+    c = _swarm("c3d", seed=1)
+    chex.assert_trees_all_equal(a, b)
+    kernel = a["body"]["conv1"]["kernel"]
+    assert kernel.shape[0] == NUM_PARTICLES
+    assert not jnp.array_equal(kernel[0], kernel[1])  # particles differ
+    assert not jnp.array_equal(kernel, c["body"]["conv1"]["kernel"])  # keys differ
+    # init_swarm_params is init_params (= model.init) with the i-th split key.
+    key = jax.random.split(jax.random.key(0), NUM_PARTICLES)[1]
+    want = _model("c3d").init(key, jnp.zeros((1, *CLIP_SHAPE)))["params"]
+    chex.assert_trees_all_close(flax_utils.unstack(a)[1], want)
+
+
+def test_stack_unstack_round_trip():
+    trees = [
+        {"a": jnp.full((2,), i), "b": {"c": jnp.full((), 2.0 * i)}} for i in range(3)
+    ]
+    stacked = flax_utils.stack(trees)
+    chex.assert_shape(stacked["a"], (3, 2))
+    for got, want in zip(flax_utils.unstack(stacked), trees, strict=True):
+        chex.assert_trees_all_equal(got, want)
+
+
+def test_head_mask_selects_exactly_head(clips):
+    params = _params("x3d")
+    mask = flax_utils.head_mask(params)
+    chex.assert_trees_all_equal_structs(mask, params)
+    selected = [
+        jax.tree_util.keystr(path)
+        for path, m in jax.tree_util.tree_leaves_with_path(mask)
+        if m
+    ]
+    assert selected == ["['head']['bias']", "['head']['kernel']"]
+    both = flax_utils.head_mask(params, ("head", "conv5"))
+    assert sum(jax.tree.leaves(both)) == 4
+    with pytest.raises(ValueError, match="no parameter"):
+        flax_utils.head_mask(params, ("classifier",))
+
+
+def test_save_load_round_trip(tmp_path, clips):
+    params = _params("c3d")
+    path = tmp_path / "ckpt"
+    flax_utils.save_params(path, params)
+    for template in (None, params, jax.eval_shape(lambda: params)):
+        loaded = flax_utils.load_params(path, template)
+        chex.assert_trees_all_equal_structs(loaded, params)
+        chex.assert_trees_all_equal(loaded, params)  # bitwise
+    with pytest.raises(FileExistsError):
+        flax_utils.save_params(path, params)
+    flax_utils.save_params(path, params, force=True)
+
+
+def test_load_errors(tmp_path, clips):
+    params = _params("c3d")
+    path = tmp_path / "ckpt"
+    flax_utils.save_params(path, params)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        flax_utils.load_params(tmp_path / "missing", params)
+    wide = make_model("c3d", NUM_CLASSES, width=16)
+    wider = jax.eval_shape(wide.init, jax.random.key(0), clips)["params"]
+    with pytest.raises(ValueError, match="body/conv1/bias"):
+        flax_utils.load_params(path, wider)
+    extra = {**params, "extra": {"kernel": jnp.zeros(2)}}
+    with pytest.raises(ValueError, match="extra/kernel"):
+        flax_utils.load_params(path, extra)
