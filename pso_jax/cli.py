@@ -5,13 +5,17 @@ Subcommands:
 - ``pso-jax minimize``: minimise a benchmark function (``pso_jax.objectives``),
   with a progress bar, writing ``metrics.jsonl``, ``summary.json`` and
   ``convergence.png`` to ``--workdir``.
-- ``pso-jax demo``: the built-in demo: shifted and rotated Rastrigin (D=10),
-  every variant compared on one convergence plot.
+- ``pso-jax train``: train a swarm of 3D-conv video classifiers
+  (:mod:`pso_jax.experiment`), e.g. ``pso-jax train --config demo``.
+- ``pso-jax evaluate``: re-evaluate a saved swarm (``--workdir`` of a run).
+- ``pso-jax demo``: the built-in demo, ``train --config demo``; ``pso-jax demo
+  --rastrigin`` compares every variant on shifted and rotated Rastrigin (D=10).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -184,6 +188,111 @@ def _minimize_cmd(args, variants: list[str]) -> int:
     return 0
 
 
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    from pso_jax.experiment import CONFIGS
+    from pso_jax.models import MODELS, STEMS
+    from pso_jax.pso import VARIANTS
+    from pso_jax.train import BEST_REFRESH, FITNESS_FNS
+
+    g = p.add_argument_group("run")
+    g.add_argument(
+        "--config",
+        default="demo",
+        choices=sorted(CONFIGS),
+        help="preset (default: %(default)s); the flags below override its fields",
+    )
+    g.add_argument("--workdir", type=Path, default=None, help="default: <config>_out")
+    g.add_argument("--resume", action="store_true", help="continue from a checkpoint")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    d = p.add_argument_group("data")
+    d.add_argument(
+        "--dataset",
+        help="moving_shapes, a TFDS video dataset name or a prepared TFDS folder",
+    )
+    d.add_argument("--dataset-config", help="moving_shapes config: small, default")
+    d.add_argument("--data-dir", help="TFDS data directory")
+    d.add_argument("--num-frames", type=_positive_int, help="frames per clip")
+    d.add_argument("--num-classes", type=_positive_int)
+    d.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None)
+    m = p.add_argument_group("model")
+    m.add_argument("--model", choices=sorted(MODELS))
+    m.add_argument("--width", type=_positive_int)
+    m.add_argument("--stem", choices=STEMS)
+    m.add_argument("--pretrained", help="params saved with flax_utils.save_params")
+    m.add_argument("--swarm-over", choices=("all", "head"))
+    s = p.add_argument_group("swarm")
+    s.add_argument("--particles", type=_positive_int, help="swarm size")
+    s.add_argument("--steps", type=_positive_int, help="swarm steps")
+    s.add_argument(
+        "--local-steps", type=int, help="gradient steps per swarm step (0: pure PSO)"
+    )
+    s.add_argument("--lr", dest="learning_rate", type=float, help="Adam step size")
+    s.add_argument("--batch-size", type=_positive_int)
+    s.add_argument("--variant", choices=VARIANTS)
+    s.add_argument("--topology", choices=TOPOLOGIES)
+    s.add_argument("--fitness", choices=FITNESS_FNS)
+    s.add_argument("--best-refresh", choices=BEST_REFRESH)
+    s.add_argument("--steps-per-call", type=_positive_int)
+    s.add_argument("--eval-every", type=int)
+    s.add_argument("--checkpoint-every", type=int)
+    s.add_argument("--top-k", type=_positive_int)
+
+
+def _train_cmd(args) -> int:
+    from pso_jax import experiment
+    from pso_jax.checkpoint import CheckpointError
+
+    try:
+        fields = [f.name for f in dataclasses.fields(experiment.TrainConfig)]
+        cfg = experiment.get_config(
+            args.config, **{k: getattr(args, k) for k in fields if hasattr(args, k)}
+        )
+    except ValueError as e:
+        print(f"pso-jax train: {e}", file=sys.stderr)
+        return 2
+    workdir = args.workdir or Path(f"{args.config}_out")
+    try:
+        summary = experiment.train(
+            cfg, workdir, resume=args.resume, progress=not args.no_progress
+        )
+    except (FileExistsError, CheckpointError, ValueError) as e:
+        print(f"pso-jax train: {e}", file=sys.stderr)
+        return 2
+    if summary.get("interrupted"):
+        print(
+            f"pso-jax train: interrupted at step {summary['steps']}; checkpoint "
+            f"saved; continue with --resume --workdir {workdir}",
+            file=sys.stderr,
+        )
+        return 128 + summary["signal"]
+    print(
+        f"test accuracy {summary['test_accuracy']:.4f} (top-"
+        f"{summary['ensemble_size']} ensemble {summary['ensemble_test_accuracy']:.4f}),"
+        f" macro-F1 {summary['test_macro_f1']:.4f}; {summary['steps']} steps in "
+        f"{summary['wall_seconds']:.1f} s; wrote {workdir}/summary.json"
+    )
+    return 0
+
+
+def _evaluate_cmd(args) -> int:
+    from pso_jax import experiment
+    from pso_jax.checkpoint import CheckpointError
+
+    try:
+        result = experiment.evaluate_workdir(args.workdir, step=args.step)
+    except (FileNotFoundError, CheckpointError, ValueError) as e:
+        print(f"pso-jax evaluate: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"step {result['steps']}: test accuracy {result['test_accuracy']:.4f}, "
+        f"macro-F1 {result['test_macro_f1']:.4f}, top-{result['ensemble_size']} "
+        f"ensemble {result['ensemble_test_accuracy']:.4f}; wrote "
+        f"{args.workdir}/evaluation.json"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``pso-jax`` console script."""
     parser = argparse.ArgumentParser(
@@ -194,23 +303,55 @@ def main(argv: list[str] | None = None) -> int:
         "minimize", help="minimise a benchmark function", description=__doc__
     )
     _add_swarm_args(p_min)
+    p_train = sub.add_parser(
+        "train",
+        help="train a swarm of video classifiers",
+        description="Train a swarm of 3D-conv video classifiers (each particle a "
+        "whole model) with the fused PSO (+ gradient) step; writes metrics.jsonl, "
+        "checkpoints/, summary.json, convergence.png and confusion.png to "
+        "--workdir. SIGTERM/Ctrl-C checkpoints before exiting; --resume continues.",
+    )
+    _add_train_args(p_train)
+    p_eval = sub.add_parser(
+        "evaluate",
+        help="re-evaluate a saved swarm on the test split",
+        description="Restore a run's checkpoint and evaluate its best particle and "
+        "top-k ensemble on the test split; writes evaluation.json, confusion.png.",
+    )
+    p_eval.add_argument("--workdir", type=Path, required=True, help="a run's workdir")
+    p_eval.add_argument("--step", type=int, default=None, help="default: newest")
     p_demo = sub.add_parser(
         "demo",
-        help="the built-in demo (every variant on shifted rotated Rastrigin)",
+        help="the built-in demo: train --config demo (or --rastrigin)",
     )
     p_demo.add_argument("--workdir", type=Path, default=Path("demo_out"))
-    p_demo.add_argument("--steps", type=_positive_int, default=1000)
+    p_demo.add_argument(
+        "--rastrigin",
+        action="store_true",
+        help="instead: every variant on shifted rotated Rastrigin (D=10)",
+    )
+    p_demo.add_argument("--steps", type=_positive_int, default=None)
     p_demo.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.command == "minimize":
         return _minimize_cmd(args, [args.variant])
+    if args.command == "train":
+        return _train_cmd(args)
+    if args.command == "evaluate":
+        return _evaluate_cmd(args)
+    if not args.rastrigin:
+        demo_args = ["train", "--config", "demo", "--workdir", str(args.workdir)]
+        demo_args += ["--seed", str(args.seed)]
+        if args.steps is not None:
+            demo_args += ["--steps", str(args.steps)]
+        return main(demo_args)
     demo = argparse.Namespace(
         objective="rastrigin",
         dims=10,
         shift=True,
         rotate=True,
         particles=40,
-        steps=args.steps,
+        steps=args.steps or 1000,
         topology=None,
         seed=args.seed,
         workdir=args.workdir,

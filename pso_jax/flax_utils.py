@@ -24,9 +24,14 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import numpy as np
 
-from pso_jax.tree_utils import tree_stack, tree_unstack
+from pso_jax.tree_utils import (
+    abstract_tree,
+    check_tree_matches,
+    path_names,
+    tree_stack,
+    tree_unstack,
+)
 
 PyTree = Any
 
@@ -131,16 +136,6 @@ def apply_fn(model: nn.Module) -> Callable[[PyTree, Any], Any]:
     return fn
 
 
-def _path_names(path: tuple[Any, ...]) -> list[str]:
-    names = []
-    for entry in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(entry, attr):
-                names.append(str(getattr(entry, attr)))
-                break
-    return names
-
-
 def head_mask(params: PyTree, head_names: Sequence[str] = ("head",)) -> PyTree:
     """Mark the leaves that belong to the named modules (the head).
 
@@ -165,50 +160,11 @@ def head_mask(params: PyTree, head_names: Sequence[str] = ("head",)) -> PyTree:
     """
     names = set(head_names)
     mask = jax.tree_util.tree_map_with_path(
-        lambda path, _: bool(names.intersection(_path_names(path))), params
+        lambda path, _: bool(names.intersection(path_names(path))), params
     )
     if not any(jax.tree.leaves(mask)):
         raise ValueError(f"no parameter lies under a module named in {head_names}")
     return mask
-
-
-def _path_str(path: tuple[Any, ...]) -> str:
-    return "/".join(_path_names(path)) or "<root>"
-
-
-def _shape_dtype(x: Any) -> tuple[tuple[int, ...], np.dtype]:
-    dtype = x.dtype if hasattr(x, "dtype") else np.result_type(x)
-    return tuple(np.shape(x)), np.dtype(dtype)
-
-
-def _abstract(tree: PyTree) -> PyTree:
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(*_shape_dtype(x)), tree)
-
-
-def _check_matches(stored: PyTree, template: PyTree, path: str) -> None:
-    """Raise a ValueError naming the first key path where the trees differ."""
-    stored_leaves = dict(
-        (_path_str(p), x) for p, x in jax.tree_util.tree_leaves_with_path(stored)
-    )
-    template_leaves = dict(
-        (_path_str(p), x) for p, x in jax.tree_util.tree_leaves_with_path(template)
-    )
-    missing = sorted(set(template_leaves) - set(stored_leaves))
-    extra = sorted(set(stored_leaves) - set(template_leaves))
-    if missing or extra:
-        raise ValueError(
-            f"params at {path} do not match the template: missing from the "
-            f"checkpoint {missing}, not in the template {extra}"
-        )
-    for key, want in template_leaves.items():
-        got_shape, got_dtype = _shape_dtype(stored_leaves[key])
-        want_shape, want_dtype = _shape_dtype(want)
-        if got_shape != want_shape or got_dtype != want_dtype:
-            raise ValueError(
-                f"params at {path} do not match the template at {key!r}: "
-                f"checkpoint has {got_dtype}{list(got_shape)}, template "
-                f"{want_dtype}{list(want_shape)}"
-            )
 
 
 def save_params(
@@ -263,5 +219,5 @@ def load_params(path: str | os.PathLike, template: PyTree | None = None) -> PyTr
         if template is None:
             return ckptr.restore(path)
         stored = ckptr.metadata(path).item_metadata
-        _check_matches(stored, template, path)
-        return ckptr.restore(path, _abstract(template))
+        check_tree_matches(stored, template, f"params at {path}")
+        return ckptr.restore(path, abstract_tree(template))

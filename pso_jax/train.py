@@ -115,12 +115,16 @@ class Trainer(NamedTuple):
       step: ``step(key_unused, state, batch, hparams) -> (TrainState, TrainMetrics)``;
         the key argument is accepted for the common signature, but the state's
         own key drives the step so that resumed runs repeat exactly.
+      scan: ``scan(state, batches, hparams) -> (TrainState, TrainMetrics)``: ``k``
+        steps in one ``lax.scan`` over ``batches`` whose leaves have a leading
+        ``k`` axis; the metrics get that axis too. Jit it with the state donated.
       evaluate_logits: ``(params [P, ...] or one particle, video) -> logits``.
       maximize: whether the fitness is maximised.
     """
 
     init: Callable
     step: Callable
+    scan: Callable
     evaluate_logits: Callable
     maximize: bool
 
@@ -135,6 +139,7 @@ def make_train_step(
     grad_loss: Callable[[jax.Array, jax.Array], jax.Array] = cross_entropy,
     best_refresh: str = "reevaluate",
     age_rate: float = 0.05,
+    batch_fn: Callable[[PRNGKey, dict], dict] | None = None,
     video_key: str = "video",
     label_key: str = "label",
 ) -> Trainer:
@@ -155,6 +160,9 @@ def make_train_step(
         every batch (one more forward per particle); ``"age"``: their fitness
         worsens by ``age_rate * |fitness|`` per step; ``"none"``.
       age_rate: see ``best_refresh``.
+      batch_fn: ``batch_fn(key, batch) -> batch`` run on the device at the start
+        of every step, e.g. augmentation (:func:`pso_jax.data.augment_batch`);
+        its key derives from the state's key and step, so resumed runs repeat.
       video_key, label_key: batch keys.
 
     Returns:
@@ -237,6 +245,9 @@ def make_train_step(
         swarm = state.swarm
         base = jax.random.wrap_key_data(state.key_data)
         key_tell = jax.random.fold_in(base, swarm.step)
+        if batch_fn is not None:
+            key_tell, key_batch = jax.random.split(key_tell)
+            batch = batch_fn(key_batch, batch)
         opt_state = state.opt_state
         gl = jnp.zeros((), jnp.float32)
         if local_steps:
@@ -288,12 +299,19 @@ def make_train_step(
         )
         return state.replace(swarm=swarm, opt_state=opt_state), metrics
 
+    def scan(state: TrainState, batches: dict, hparams: Any = None):
+        return jax.lax.scan(lambda s, b: step(None, s, b, hparams), state, batches)
+
     def evaluate_logits(swarmed, frozen, video):
         """Logits of a stack of particles ``[P, ...]`` on ``video``."""
         return swarm_logits(swarmed, frozen, video)
 
     return Trainer(
-        init=init, step=step, evaluate_logits=evaluate_logits, maximize=maximize
+        init=init,
+        step=step,
+        scan=scan,
+        evaluate_logits=evaluate_logits,
+        maximize=maximize,
     )
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 PyTree = Any
 
@@ -107,3 +108,74 @@ def resolve_mask(mask: PyTree | Callable[[PyTree], PyTree] | None, tree: PyTree)
     if not any(jax.tree.leaves(mask)):
         raise ValueError("mask selects no leaf: the swarm would have nothing to move")
     return mask
+
+
+def path_names(path: tuple[Any, ...]) -> list[str]:
+    """The names along a key path (dict keys, attribute names, sequence indices).
+
+    >>> [path_names(p) for p, _ in jax.tree_util.tree_leaves_with_path({"a": [1]})]
+    [['a', '0']]
+    """
+    names = []
+    for entry in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(entry, attr):
+                names.append(str(getattr(entry, attr)))
+                break
+    return names
+
+
+def _path_str(path: tuple[Any, ...]) -> str:
+    return "/".join(path_names(path)) or "<root>"
+
+
+def _shape_dtype(x: Any) -> tuple[tuple[int, ...], Any]:
+    dtype = x.dtype if hasattr(x, "dtype") else np.result_type(x)
+    return tuple(np.shape(x)), np.dtype(dtype)
+
+
+def abstract_tree(tree: PyTree) -> PyTree:
+    """``jax.ShapeDtypeStruct`` leaves (keeping shardings) for a tree of arrays."""
+
+    def one(x):
+        shape, dtype = _shape_dtype(x)
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=getattr(x, "sharding", None))
+
+    return jax.tree.map(one, tree)
+
+
+def check_tree_matches(stored: PyTree, template: PyTree, what: str) -> None:
+    """Raise a ValueError naming the first key path where two trees differ.
+
+    Leaves are compared by key path, shape and dtype (arrays, metadata objects
+    with ``shape``/``dtype``, or ``jax.ShapeDtypeStruct``).
+
+    Args:
+      stored: e.g. a checkpoint's metadata tree.
+      template: the expected tree.
+      what: the subject of the error message, e.g. ``"checkpoint at /x"``.
+
+    Raises:
+      ValueError: on missing or extra leaves, or a shape or dtype mismatch.
+
+    >>> check_tree_matches({"a": np.zeros(2)}, {"a": np.zeros(3)}, "x")
+    Traceback (most recent call last):
+    ...
+    ValueError: x does not match the template at 'a': it has float64[2], the template float64[3]
+    """
+    got = {_path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(stored)}
+    want = {_path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(template)}
+    missing = sorted(set(want) - set(got))
+    extra = sorted(set(got) - set(want))
+    if missing or extra:
+        raise ValueError(
+            f"{what} does not match the template: missing {missing}, "
+            f"not in the template {extra}"
+        )
+    for key, w in want.items():
+        (gs, gd), (ws, wd) = _shape_dtype(got[key]), _shape_dtype(w)
+        if gs != ws or gd != wd:
+            raise ValueError(
+                f"{what} does not match the template at {key!r}: it has "
+                f"{gd}{list(gs)}, the template {wd}{list(ws)}"
+            )

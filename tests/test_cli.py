@@ -37,7 +37,10 @@ def test_minimize_writes_metrics_summary_and_plot(tmp_path):
 
 
 def test_demo_runs_every_variant(tmp_path):
-    assert cli.main(["demo", "--steps", "20", "--workdir", str(tmp_path)]) == 0
+    assert (
+        cli.main(["demo", "--rastrigin", "--steps", "20", "--workdir", str(tmp_path)])
+        == 0
+    )
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert [r["variant"] for r in summary["runs"]] == [
         "inertia",

@@ -117,18 +117,22 @@ def _conv3d_vmap_rule(axis_size, in_batched, x, kernel):
     return out, True
 
 
-@jax.custom_jvp
+@jax.custom_vjp
 def conv3d(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """'SAME', stride-1 3D convolution that vmaps to per-particle convolutions.
 
     Numerically the convolution of ``flax.linen.Conv`` (no bias) computed through
     2D convolutions; see the module docstring for the lowering
-    and the vmap rule. Differentiable (forward and reverse mode); derivatives use
-    XLA's own convolutions.
+    and the vmap rule. Reverse-mode differentiable, with a backward pass that
+    vmaps as well as the forward one: the input gradient is this same fast
+    convolution (flipped kernel), the kernel gradient one matmul over shifted
+    copies of the input. (Autodiff through XLA's convolution instead turns into
+    grouped convolutions under vmap over particles, ~100x slower on CPU: a
+    hybrid train step of 8 particles took 5 s instead of 0.05 s.)
 
     Args:
       x: clips, ``[B, T, H, W, C_in]`` float, one particle (no particle axis).
-      kernel: ``[kt, kh, kw, C_in, C_out]``, one particle.
+      kernel: ``[kt, kh, kw, C_in, C_out]`` with odd ``kt, kh, kw``, one particle.
 
     Returns:
       ``[B, T, H, W, C_out]``.
@@ -140,19 +144,67 @@ def conv3d(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return _conv3d_vmappable(x, kernel)
 
 
-@conv3d.defjvp
-def _conv3d_jvp(primals, tangents):
-    x, kernel = primals
-    dx, dkernel = tangents
-    # The primal keeps the fast lowering; tangents use XLA's (linear,
-    # transposable) convolution so reverse mode works too.
-    return conv3d(x, kernel), _xla_conv3d(dx, kernel) + _xla_conv3d(x, dkernel)
+def _conv3d_fwd(x, kernel):
+    return _conv3d_vmappable(x, kernel), (x, kernel)
 
 
-def _xla_conv3d(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    return lax.conv_general_dilated(
-        x, kernel, (1, 1, 1), "SAME", dimension_numbers=_DN3
-    )
+def _conv3d_bwd(res, g):
+    x, kernel = res
+    # 'SAME' with odd kernels pads symmetrically, so the input gradient is the
+    # same convolution of g with the flipped, in/out-transposed kernel.
+    dx = _conv3d_vmappable(g, jnp.flip(kernel, (0, 1, 2)).swapaxes(3, 4))
+    return dx, _kernel_grad(x, g, kernel.shape)
+
+
+def _kernel_grad_impl(x, g, shape):
+    """One particle's kernel gradient: ``sum x[shifted] (x) g`` over positions.
+
+    The ``kt`` time shifts of ``x`` are stacked on channels once; each of the
+    ``kh * kw`` spatial shifts is then one ``[kt*C_in, N] @ [N, C_out]`` matmul
+    (measured 6x faster than one im2col matmul over all 27 shifts, and 50x
+    faster than XLA's own weight-gradient convolution on CPU).
+    """
+    kt, kh, kw, cin, cout = shape
+    _, t, h, w, _ = x.shape
+    pads = [((k - 1) // 2, k // 2) for k in (kt, kh, kw)]
+    xp = jnp.pad(x, [(0, 0), *pads, (0, 0)])
+    xt = jnp.concatenate([xp[:, i : i + t] for i in range(kt)], axis=-1)
+    g2 = g.reshape(-1, cout)
+    dk = jnp.stack(
+        [
+            jnp.einsum(
+                "nc,no->co", xt[:, :, j : j + h, m : m + w].reshape(-1, kt * cin), g2
+            )
+            for j in range(kh)
+            for m in range(kw)
+        ]
+    )  # [kh*kw, kt*C_in, C_out]
+    dk = dk.reshape(kh, kw, kt, cin, cout)
+    return jnp.moveaxis(dk, 2, 0)
+
+
+def _kernel_grad(x, g, shape):
+    @jax.custom_batching.custom_vmap
+    def grad(x, g):
+        return _kernel_grad_impl(x, g, shape)
+
+    @grad.def_vmap
+    def rule(axis_size, in_batched, x, g):
+        # Per-particle matmuls in a loop beat one batched dot of odd layout on
+        # CPU (as for the forward convolution).
+        if not _on_cpu():
+            in_axes = tuple(0 if b else None for b in in_batched)
+            return jax.vmap(grad, in_axes=in_axes)(x, g), True
+        x, g = (
+            a if b else jnp.broadcast_to(a, (axis_size, *a.shape))
+            for a, b in zip((x, g), in_batched, strict=True)
+        )
+        return lax.map(lambda a: grad(*a), (x, g)), True
+
+    return grad(x, g)
+
+
+conv3d.defvjp(_conv3d_fwd, _conv3d_bwd)
 
 
 def depthwise_conv3d(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -309,15 +361,21 @@ def _per_particle_fn(module: nn.Module) -> Callable[[Any, jax.Array], jax.Array]
         mapped = [leaf for leaf, flag in zip(leaves, flags, strict=True) if flag]
         return lax.map(one, mapped), True
 
-    @jax.custom_jvp
+    @jax.custom_vjp
     def differentiable(params, x):
         return fn(params, x)
 
-    @differentiable.defjvp
-    def _jvp(primals, tangents):
+    def _fwd(params, x):
+        return fn(params, x), (params, x)
+
+    def _bwd(res, g):
         # Derivatives go through the plain vmap-able function (the batching rule
-        # above only changes how the primal is scheduled).
-        return jax.jvp(functools.partial(_apply_params, module), primals, tangents)
+        # above only changes how the primal is scheduled); its forward pass is
+        # recomputed here rather than stored, as jax.checkpoint would.
+        _, vjp = jax.vjp(functools.partial(_apply_params, module), *res)
+        return vjp(g)
+
+    differentiable.defvjp(_fwd, _bwd)
 
     return differentiable
 

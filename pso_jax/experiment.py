@@ -1,0 +1,775 @@
+"""Training runs end to end: configs, the host loop, checkpoints, reports.
+
+:func:`train` is what ``pso-jax train`` runs: it loads the data (preparing the
+procedural ``moving_shapes`` dataset if needed), builds the model, the swarm and
+the fused train step (:func:`pso_jax.train.make_train_step`), then runs
+``steps_per_call`` steps per jitted ``lax.scan`` call with the state donated,
+logging every step to ``metrics.jsonl``, checkpointing with orbax, and finally
+evaluating the best particle and the top-k ensemble on the test split.
+
+Exact resumes: the batch of step ``s`` is element ``s`` of a seeded, repeated
+grain dataset (random access, no iterator state), every random draw derives from
+the state's key and step, and checkpoints fall on call boundaries, so a run that
+is interrupted (SIGTERM, Ctrl-C) and resumed ends bit for bit where the
+uninterrupted run ends.
+
+Work directory::
+
+    config.json        the run's TrainConfig (a resume must match it)
+    metrics.jsonl      one record per step (and per validation)
+    checkpoints/<s>/   orbax checkpoints of the full TrainState
+    summary.json       test metrics, timings, throughput (atomic)
+    convergence.png    best / mean fitness and validation accuracy vs step
+    confusion.png      the best particle's test confusion matrix
+
+>>> cfg = get_config("smoke", steps=4)
+>>> cfg.model, cfg.particles, cfg.steps
+('c3d', 4, 4)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pso_jax import checkpoint as ckpt
+from pso_jax.train import BEST_REFRESH, FITNESS_FNS, EvalResult, TrainState
+
+__all__ = [
+    "CONFIGS",
+    "TrainConfig",
+    "evaluate_workdir",
+    "get_config",
+    "train",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run (stored as ``config.json``).
+
+    Attributes:
+      dataset: ``"moving_shapes"``, a TFDS video dataset name (``"ucf101"``;
+        needs the ``video-tf`` extra), or a prepared TFDS dataset folder.
+      dataset_config: the ``moving_shapes`` config, ``"small"`` or ``"default"``.
+      data_dir: TFDS data directory (``None``: TFDS's default).
+      num_frames: frames per clip: a random window of the video (``None``: the
+        dataset's clip length, which must then be fixed).
+      num_classes: number of classes (``None``: from the dataset).
+      model: a :data:`pso_jax.models.MODELS` name.
+      width: the model's base width.
+      stem: ``"tubelet"`` or ``"conv"``.
+      particles: swarm size ``P`` (each particle is a whole model).
+      steps: swarm steps.
+      local_steps: gradient steps per particle per swarm step (0: pure PSO).
+      learning_rate: Adam's learning rate for those steps.
+      batch_size: clips per step, shared by every particle.
+      variant, topology: of :func:`pso_jax.pso` (``topology=None``: the
+        variant's default).
+      inertia, cognitive, social: PSO coefficients (``None``: the variant's).
+      init_scale: std of the particles' initial spread around the model's init
+        when ``init="perturb"``.
+      init: ``"independent"`` (each particle a fresh Flax init: diverse
+        swarm) or ``"perturb"`` (one init plus Gaussian noise).
+      fitness: ``"cross_entropy"``, ``"error_rate"`` or ``"macro_f1"``.
+      best_refresh: ``"reevaluate"``, ``"age"`` or ``"none"`` (see
+        :func:`pso_jax.train.make_train_step`).
+      augment: on-device augmentation (resized crop, colour, label-aware flips).
+      steps_per_call: swarm steps per jitted ``lax.scan`` call (one host sync).
+      eval_every: validate the best particle every this many steps (0: never).
+      checkpoint_every: checkpoint every this many steps (0: only at the end);
+        rounded up to a multiple of ``steps_per_call``.
+      top_k: size of the evaluated ensemble of the best particles.
+      pretrained: path of params saved with
+        :func:`pso_jax.flax_utils.save_params` to start every particle from.
+      swarm_over: ``"all"`` parameters, or only the ``"head"`` (the rest frozen,
+        stored once, not per particle; needs ``pretrained``).
+      seed: the run's seed.
+    """
+
+    dataset: str = "moving_shapes"
+    dataset_config: str = "small"
+    data_dir: str | None = None
+    num_frames: int | None = None
+    num_classes: int | None = None
+    model: str = "c3d"
+    width: int = 16
+    stem: str = "tubelet"
+    particles: int = 8
+    steps: int = 300
+    local_steps: int = 1
+    learning_rate: float = 3e-3
+    batch_size: int = 32
+    variant: str = "inertia"
+    topology: str | None = None
+    inertia: float | None = None
+    cognitive: float | None = None
+    social: float | None = None
+    init_scale: float = 0.05
+    init: str = "independent"
+    fitness: str = "cross_entropy"
+    best_refresh: str = "reevaluate"
+    augment: bool = False
+    steps_per_call: int = 10
+    eval_every: int = 0
+    checkpoint_every: int = 100
+    top_k: int = 4
+    pretrained: str | None = None
+    swarm_over: str = "all"
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict."""
+        return dataclasses.asdict(self)
+
+
+CONFIGS: dict[str, TrainConfig] = {
+    # Seconds: the CLI and checkpoint tests.
+    "smoke": TrainConfig(
+        model="c3d",
+        width=8,
+        particles=4,
+        steps=6,
+        local_steps=1,
+        batch_size=8,
+        steps_per_call=3,
+        checkpoint_every=3,
+        top_k=2,
+    ),
+    # `make demo`: the hybrid on moving_shapes/small in a few minutes on 2 cores.
+    "demo": TrainConfig(
+        model="c3d",
+        width=16,
+        particles=8,
+        steps=150,
+        local_steps=2,
+        learning_rate=3e-3,
+        batch_size=32,
+        steps_per_call=10,
+        eval_every=50,
+        checkpoint_every=50,
+    ),
+    # The full-size dataset, augmentation, a bigger swarm.
+    "default": TrainConfig(
+        dataset_config="default",
+        model="c3d",
+        width=16,
+        particles=16,
+        steps=2000,
+        local_steps=2,
+        batch_size=32,
+        augment=True,
+        steps_per_call=20,
+        eval_every=200,
+        checkpoint_every=200,
+    ),
+}
+
+
+def get_config(name: str = "demo", **overrides: Any) -> TrainConfig:
+    """A named config from :data:`CONFIGS` with some fields replaced.
+
+    ``None`` overrides are ignored (so CLI flags that were not given keep the
+    config's value).
+
+    Raises:
+      ValueError: for an unknown config name, an unknown field or a bad value.
+    """
+    if name not in CONFIGS:
+        raise ValueError(f"unknown config {name!r}; choose from {sorted(CONFIGS)}")
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"unknown TrainConfig fields {unknown}")
+    cfg = dataclasses.replace(
+        CONFIGS[name], **{k: v for k, v in overrides.items() if v is not None}
+    )
+    validate_config(cfg)
+    return cfg
+
+
+def validate_config(cfg: TrainConfig) -> None:
+    """Raise a ValueError naming the first bad field of ``cfg``."""
+    from pso_jax.models import MODELS, STEMS
+    from pso_jax.pso import VARIANTS
+    from pso_jax.topology import TOPOLOGIES
+
+    def positive(name):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r}: must be an int >= 1")
+
+    for name in ("width", "particles", "steps", "batch_size", "steps_per_call"):
+        positive(name)
+    for name in ("local_steps", "eval_every", "checkpoint_every"):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name}={value!r}: must be an int >= 0")
+    for name, allowed in (
+        ("model", tuple(MODELS)),
+        ("stem", STEMS),
+        ("variant", VARIANTS),
+        ("fitness", FITNESS_FNS),
+        ("best_refresh", BEST_REFRESH),
+        ("init", ("independent", "perturb")),
+        ("swarm_over", ("all", "head")),
+    ):
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"{name}={getattr(cfg, name)!r}: choose from {allowed}")
+    if cfg.topology is not None and cfg.topology not in TOPOLOGIES:
+        raise ValueError(f"topology={cfg.topology!r}: choose from {TOPOLOGIES}")
+    if not (cfg.learning_rate > 0 and math.isfinite(cfg.learning_rate)):
+        raise ValueError(f"learning_rate={cfg.learning_rate!r}: must be > 0")
+    if cfg.top_k < 1:
+        raise ValueError(f"top_k={cfg.top_k!r}: must be >= 1")
+    if cfg.swarm_over == "head" and cfg.pretrained is None:
+        raise ValueError(
+            "swarm_over='head' needs pretrained= (the backbone's saved params)"
+        )
+    if cfg.pretrained is not None and not os.path.isdir(cfg.pretrained):
+        raise ValueError(f"pretrained={cfg.pretrained!r}: no such directory")
+
+
+# -- data ---------------------------------------------------------------------
+
+
+def _source(cfg: TrainConfig, split: str):
+    from pso_jax.data import load_moving_shapes, load_real
+
+    if cfg.dataset == "moving_shapes":
+        return load_moving_shapes(
+            cfg.dataset_config, split=split, data_dir=cfg.data_dir
+        )
+    return load_real(cfg.dataset, split=split, data_dir=cfg.data_dir)
+
+
+def _num_classes(cfg: TrainConfig, source) -> int:
+    if cfg.num_classes is not None:
+        return cfg.num_classes
+    if cfg.dataset == "moving_shapes":
+        from pso_jax.data import NUM_CLASSES
+
+        return NUM_CLASSES
+    info = getattr(source, "dataset_info", None)
+    try:
+        return int(info.features["label"].num_classes)
+    except (AttributeError, KeyError, TypeError) as e:
+        raise ValueError(
+            f"cannot read the number of classes of {cfg.dataset!r}; pass "
+            "num_classes (--num-classes)"
+        ) from e
+
+
+def _train_batches(cfg: TrainConfig, source):
+    """Random access: element ``s`` is the batch of step ``s`` (exact resumes)."""
+    from pso_jax.data import make_dataset
+
+    return make_dataset(
+        source,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        num_epochs=None,
+        num_frames=cfg.num_frames,
+        float_video=False,  # uint8 to the device; converted there (4x less copy)
+    )
+
+
+def _eval_batches(cfg: TrainConfig, source, batch_size: int = 100) -> Iterator[dict]:
+    from pso_jax.data import make_dataset
+
+    ds = make_dataset(
+        source,
+        batch_size=min(batch_size, len(source)),
+        seed=cfg.seed,
+        shuffle=False,
+        num_frames=cfg.num_frames,
+        drop_remainder=False,
+        float_video=True,
+    )
+    return iter(ds)
+
+
+def _to_float(batch: dict) -> dict:
+    return {**batch, "video": batch["video"].astype(jnp.float32) / 255.0}
+
+
+# -- the run -------------------------------------------------------------------
+
+
+class _Run:
+    """What :func:`train` and :func:`evaluate_workdir` build from a config."""
+
+    def __init__(self, cfg: TrainConfig, source):
+        import optax
+
+        from pso_jax import flax_utils, pso, train
+        from pso_jax.data import augment_batch
+        from pso_jax.models import make_model
+
+        self.cfg = cfg
+        self.num_classes = _num_classes(cfg, source)
+        model = make_model(cfg.model, self.num_classes, width=cfg.width, stem=cfg.stem)
+        dummy = jnp.zeros((1, *_clip_shape(cfg, source)), jnp.float32)
+        template = model.init(jax.random.key(0), dummy)["params"]
+        mask = None
+        if cfg.pretrained is not None:
+            template = flax_utils.load_params(cfg.pretrained, template)
+        if cfg.swarm_over == "head":
+            mask = flax_utils.head_mask(template)
+        init_fn = None
+        if cfg.init == "independent" and cfg.pretrained is None:
+
+            def init_fn(key, _template):
+                return model.init(key, dummy)["params"]
+
+        hparams = {
+            k: getattr(cfg, k)
+            for k in ("inertia", "cognitive", "social", "init_scale")
+            if getattr(cfg, k) is not None
+        }
+        self.optimizer = pso(
+            num_particles=cfg.particles,
+            variant=cfg.variant,
+            topology=cfg.topology,
+            maximize=cfg.fitness == "macro_f1",
+            mask=mask,
+            init_fn=init_fn,
+            **hparams,
+        )
+        batch_fn = None
+        if cfg.augment:
+
+            def batch_fn(key, batch):
+                video, label = augment_batch(key, batch["video"], batch["label"])
+                return {**batch, "video": video, "label": label}
+
+        def apply_fn(params, video):
+            return model.apply({"params": params}, video)
+
+        self.trainer = train.make_train_step(
+            apply_fn,
+            self.optimizer,
+            fitness=cfg.fitness,
+            local_steps=cfg.local_steps,
+            grad_optimizer=optax.adam(cfg.learning_rate),
+            best_refresh=cfg.best_refresh,
+            batch_fn=batch_fn,
+        )
+        self.template = template
+        trainer = self.trainer
+
+        def chunk(state, batches):
+            return trainer.scan(state, jax.vmap(_to_float)(batches))
+
+        self.chunk = jax.jit(chunk, donate_argnums=0)
+        self.init = jax.jit(lambda key: trainer.init(key, template))
+
+    def abstract_state(self) -> TrainState:
+        return jax.eval_shape(self.init, jax.random.key(self.cfg.seed))
+
+
+def _clip_shape(cfg: TrainConfig, source) -> tuple[int, ...]:
+    """The model's input clip shape ``[T, H, W, C]``."""
+    video = np.asarray(source[0]["video"])
+    if video.ndim == 3:
+        video = video[..., None]
+    if cfg.num_frames is not None:
+        video = video[: cfg.num_frames]
+    return tuple(video.shape)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)  # atomic
+
+
+def _check_resume_config(workdir: Path, cfg: TrainConfig) -> None:
+    stored = json.loads((workdir / "config.json").read_text())
+    differ = {
+        k: (stored.get(k), v) for k, v in cfg.to_dict().items() if stored.get(k) != v
+    }
+    if differ:
+        detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in differ.items())
+        raise ValueError(
+            f"--resume with a configuration different from {workdir}/config.json "
+            f"({detail}); resume with the same flags or use another --workdir"
+        )
+
+
+class _Interrupt:
+    """Turn SIGTERM/SIGINT into a flag the loop checks between calls."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self):
+        for s in (signal.SIGTERM, signal.SIGINT):
+            # Outside the main thread no handler can be set: run without.
+            with contextlib.suppress(ValueError):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # a second signal: stop at once
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, old in self._old.items():
+            signal.signal(s, old)
+
+
+def _metric_records(metrics, first_step: int, wall: float) -> list[dict]:
+    host = jax.tree.map(np.asarray, metrics._asdict())
+    n = len(host["best_fitness"])
+    return [
+        {
+            "step": first_step + i + 1,
+            **{k: v[i].item() for k, v in host.items()},
+            "wall_seconds": wall,
+        }
+        for i in range(n)
+    ]
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop records after ``last_step`` (steps a resumed run will redo)."""
+    if not path.exists():
+        return
+    keep = [
+        line
+        for line in path.read_text().splitlines()
+        if line.strip() and json.loads(line).get("step", 0) <= last_step
+    ]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+
+
+def train(
+    cfg: TrainConfig,
+    workdir: str | os.PathLike,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    on_step: Callable[[int, TrainState], None] | None = None,
+) -> dict[str, Any]:
+    """Train a swarm of video classifiers; write the work directory.
+
+    Args:
+      cfg: the run's configuration (:func:`get_config`).
+      workdir: the work directory (created).
+      resume: continue from the newest checkpoint in ``workdir``; its
+        ``config.json`` must equal ``cfg``.
+      progress: show a ``rich`` progress bar (on stderr).
+      on_step: ``on_step(step, state)`` called on the host after every jitted
+        call (for tests and notebooks).
+
+    Returns:
+      The summary dict (also written to ``summary.json``). If a SIGTERM/SIGINT
+      arrived, the run checkpoints, returns early with ``"interrupted": True``
+      and writes no summary.
+
+    Raises:
+      FileExistsError: ``workdir`` already holds checkpoints and not ``resume``.
+      pso_jax.checkpoint.CheckpointError: ``resume`` without a usable checkpoint.
+      ValueError: a bad config, or ``resume`` with a different config.
+    """
+    validate_config(cfg)
+    workdir = Path(workdir)
+    ckdir = workdir / "checkpoints"
+    metrics_path = workdir / "metrics.jsonl"
+    existing = ckpt.latest_step(ckdir)
+    if resume:
+        if existing is None:
+            raise ckpt.CheckpointError(f"--resume: no checkpoint in {ckdir}")
+        _check_resume_config(workdir, cfg)
+    elif existing is not None:
+        raise FileExistsError(
+            f"{workdir} already holds checkpoints (newest: step {existing}); pass "
+            "--resume to continue that run, or choose another --workdir"
+        )
+    workdir.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    train_source = _source(cfg, "train")
+    batches = _train_batches(cfg, train_source)
+    data_seconds = time.perf_counter() - t_start
+    run = _Run(cfg, train_source)
+    key = jax.random.key(cfg.seed)
+    wall_before = 0.0
+    if resume:
+        state, meta = ckpt.restore(ckdir, run.abstract_state())
+        start = int(state.swarm.step)
+        wall_before = float(meta.get("wall_seconds", 0.0))
+        _truncate_metrics(metrics_path, start)
+    else:
+        _write_json(workdir / "config.json", cfg.to_dict())
+        metrics_path.write_text("")
+        state = run.init(key)
+        start = 0
+    k = cfg.steps_per_call
+    every = cfg.checkpoint_every
+    if every:
+        every = -(-every // k) * k  # checkpoints fall on call boundaries
+
+    def save(state, step, wall):
+        if ckpt.latest_step(ckdir) != step:
+            ckpt.save(
+                ckdir,
+                step,
+                state,
+                meta={"wall_seconds": wall, "config": cfg.to_dict()},
+            )
+
+    val_source = _source(cfg, "validation") if cfg.eval_every else None
+    compile_seconds = None  # of the first call, which also compiles
+    t_loop, loop_start = time.perf_counter(), start
+    step = start
+    with (
+        _Interrupt() as interrupt,
+        open(metrics_path, "a") as log,
+        _Progress(progress, cfg.steps, start, cfg.particles) as bar,
+    ):
+        while step < cfg.steps and interrupt.signum is None:
+            n = min(k - step % k, cfg.steps - step)
+            stacked = jax.tree.map(
+                lambda *xs: np.stack(xs), *(batches[step + i] for i in range(n))
+            )
+            t0 = time.perf_counter()
+            state, metrics = run.chunk(state, stacked)
+            records = _metric_records(metrics, step, 0.0)  # host sync
+            if compile_seconds is None:
+                compile_seconds = time.perf_counter() - t0
+                t_loop, loop_start = time.perf_counter(), step + n
+            wall = wall_before + time.perf_counter() - t_start
+            for r in records:
+                r["wall_seconds"] = wall
+                log.write(json.dumps(r) + "\n")
+            step += n
+            if cfg.eval_every and (step % cfg.eval_every < n or step == cfg.steps):
+                res, _ = _evaluate(run, state, val_source, top_k=1)
+                log.write(
+                    json.dumps({"step": step, "val_accuracy": res.accuracy}) + "\n"
+                )
+            log.flush()
+            bar(step, records[-1])
+            if every and step % every == 0:
+                save(state, step, wall)
+            if on_step is not None:
+                on_step(step, state)
+    wall = wall_before + time.perf_counter() - t_start
+    if interrupt.signum is not None:
+        save(state, step, wall)
+        return {"interrupted": True, "signal": interrupt.signum, "steps": step}
+    save(state, step, wall)
+    timed_steps = step - loop_start
+    loop_seconds = time.perf_counter() - t_loop
+    summary = _finish(run, state, workdir)
+    summary.update(
+        steps=step,
+        wall_seconds=wall,
+        data_seconds=data_seconds,
+        compile_seconds=compile_seconds,
+        particle_evals_per_second=(
+            timed_steps * cfg.particles / loop_seconds if timed_steps else None
+        ),
+        seconds_per_step=loop_seconds / timed_steps if timed_steps else None,
+        config=cfg.to_dict(),
+    )
+    _write_json(workdir / "summary.json", summary)
+    _plot_convergence(metrics_path, workdir / "convergence.png", cfg)
+    return summary
+
+
+def _evaluate(run: _Run, state: TrainState, source, *, top_k: int):
+    from pso_jax.train import evaluate
+
+    return evaluate(
+        run.trainer,
+        state,
+        _eval_batches(run.cfg, source),
+        run.num_classes,
+        top_k=top_k,
+    )
+
+
+def _finish(run: _Run, state: TrainState, workdir: Path) -> dict[str, Any]:
+    """Test metrics of the best particle and the top-k ensemble; confusion plot."""
+    from pso_jax.data import LABEL_NAMES
+
+    best, ens = _evaluate(run, state, _source(run.cfg, "test"), top_k=run.cfg.top_k)
+    names = LABEL_NAMES if run.cfg.dataset == "moving_shapes" else None
+    _plot_confusion(best, workdir / "confusion.png", names)
+    return {
+        "test_accuracy": best.accuracy,
+        "test_macro_f1": best.macro_f1,
+        "test_per_class_recall": best.per_class_recall,
+        "test_confusion": best.confusion,
+        "ensemble_size": min(run.cfg.top_k, run.cfg.particles),
+        "ensemble_test_accuracy": ens.accuracy,
+        "ensemble_test_macro_f1": ens.macro_f1,
+        "best_train_fitness": float(state.swarm.best_fitness),
+    }
+
+
+def evaluate_workdir(
+    workdir: str | os.PathLike, *, step: int | None = None
+) -> dict[str, Any]:
+    """Re-evaluate a saved swarm on the test split (``pso-jax evaluate``).
+
+    Rebuilds the run from ``config.json``, restores checkpoint ``step`` (default:
+    the newest), evaluates the best particle and the top-k ensemble, writes
+    ``evaluation.json`` and ``confusion.png``, and returns the metrics.
+
+    Raises:
+      FileNotFoundError: no ``config.json`` in ``workdir``.
+      pso_jax.checkpoint.CheckpointError: no usable checkpoint.
+    """
+    workdir = Path(workdir)
+    config_path = workdir / "config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"{config_path} not found: is {workdir} a run?")
+    cfg = TrainConfig(**json.loads(config_path.read_text()))
+    run = _Run(cfg, _source(cfg, "train"))
+    state, _ = ckpt.restore(workdir / "checkpoints", run.abstract_state(), step=step)
+    result = _finish(run, state, workdir)
+    result["steps"] = int(state.swarm.step)
+    _write_json(workdir / "evaluation.json", result)
+    return result
+
+
+# -- reporting -----------------------------------------------------------------
+
+
+class _Progress:
+    """A rich progress bar (step, best/mean fitness, evals/s, ETA), or nothing."""
+
+    def __init__(self, enabled: bool, total: int, start: int, particles: int):
+        self.enabled, self.total, self.start = enabled, total, start
+        self.particles = particles
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda step, record: None
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        self.progress = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("best {task.fields[best]} mean {task.fields[mean]}"),
+            TextColumn("{task.fields[rate]} evals/s"),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+        )
+        self.progress.__enter__()
+        task = self.progress.add_task(
+            "train",
+            total=self.total,
+            completed=self.start,
+            best="-",
+            mean="-",
+            rate="-",
+        )
+        t0, s0 = time.perf_counter(), self.start
+
+        def update(step, record):
+            dt = time.perf_counter() - t0
+            rate = f"{(step - s0) * self.particles / dt:.3g}" if step > s0 else "-"
+            self.progress.update(
+                task,
+                completed=step,
+                best=f"{record['best_fitness']:.4g}",
+                mean=f"{record['mean_fitness']:.4g}",
+                rate=rate,
+            )
+
+        return update
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.progress.__exit__(*exc)
+
+
+def _plot_convergence(metrics_path: Path, out: Path, cfg: TrainConfig) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps, best, mean, vsteps, vacc = [], [], [], [], []
+    for line in metrics_path.read_text().splitlines():
+        r = json.loads(line)
+        if "val_accuracy" in r:
+            vsteps.append(r["step"])
+            vacc.append(r["val_accuracy"])
+        else:
+            steps.append(r["step"])
+            best.append(r["best_fitness"])
+            mean.append(r["mean_fitness"])
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.plot(steps, best, label="swarm best")
+    ax.plot(steps, mean, label="swarm mean", alpha=0.6)
+    ax.set_xlabel("step")
+    ax.set_ylabel(cfg.fitness)
+    ax.set_title(
+        f"{cfg.model} x {cfg.particles} particles, k={cfg.local_steps}, "
+        f"{cfg.dataset}/{cfg.dataset_config}"
+    )
+    if vacc:
+        ax2 = ax.twinx()
+        ax2.plot(vsteps, vacc, "k.--", label="val accuracy (best)")
+        ax2.set_ylim(0, 1)
+        ax2.set_ylabel("validation accuracy")
+        ax2.legend(loc="center right")
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def _plot_confusion(result: EvalResult, out: Path, names) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cm = np.asarray(result.confusion)
+    c = cm.shape[0]
+    labels = list(names) if names is not None and len(names) == c else range(c)
+    fig, ax = plt.subplots(figsize=(6, 5.5))
+    im = ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(c), labels, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(c), labels, fontsize=8)
+    for i in range(c):
+        for j in range(c):
+            if cm[i, j]:
+                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"test accuracy {result.accuracy:.3f}, macro-F1 {result.macro_f1:.3f}")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)

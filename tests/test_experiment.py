@@ -1,0 +1,179 @@
+"""End-to-end training runs: CLI, checkpoints, exact resume after SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from pso_jax import checkpoint as ckpt
+from pso_jax import cli, experiment, flax_utils
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    # Runs in this module compile the same programs again and again: the
+    # persistent compilation cache turns the repeats into cache hits.
+    jax.config.update(
+        "jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache"))
+    )
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+def _cfg(data_dir, **kw):
+    return experiment.get_config("smoke", data_dir=data_dir, **kw)
+
+
+def _restore(workdir, cfg, step=None):
+    from pso_jax.experiment import _Run, _source
+
+    run = _Run(cfg, _source(cfg, "train"))
+    return ckpt.restore(
+        os.path.join(workdir, "checkpoints"), run.abstract_state(), step=step
+    )
+
+
+def test_cli_train_then_evaluate(data_dir, tmp_path):
+    workdir = tmp_path / "run"
+    argv = ["train", "--config", "smoke", "--data-dir", data_dir]
+    assert cli.main([*argv, "--workdir", str(workdir), "--no-progress"]) == 0
+    summary = json.loads((workdir / "summary.json").read_text())
+    for key in (
+        "test_accuracy",
+        "test_macro_f1",
+        "steps",
+        "wall_seconds",
+        "particle_evals_per_second",
+        "ensemble_test_accuracy",
+        "compile_seconds",
+    ):
+        assert key in summary, key
+    assert summary["steps"] == 6
+    assert 0.0 <= summary["test_accuracy"] <= 1.0
+    assert np.asarray(summary["test_confusion"]).sum() == 500  # the test split
+    assert summary["particle_evals_per_second"] > 0
+    records = [
+        json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert all(np.isfinite(r["best_fitness"]) for r in records)
+    for name in ("convergence.png", "confusion.png", "config.json"):
+        assert (workdir / name).stat().st_size > 0
+    assert ckpt.all_steps(workdir / "checkpoints") == [3, 6]
+    # Re-evaluating the saved swarm reproduces the run's test metrics.
+    assert cli.main(["evaluate", "--workdir", str(workdir)]) == 0
+    again = json.loads((workdir / "evaluation.json").read_text())
+    assert again["test_accuracy"] == summary["test_accuracy"]
+    assert again["ensemble_test_accuracy"] == summary["ensemble_test_accuracy"]
+    # A second run into the same workdir without --resume refuses to touch it.
+    before = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+    assert cli.main([*argv, "--workdir", str(workdir), "--no-progress"]) == 2
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == before
+
+
+def test_sigterm_checkpoints_and_resume_is_exact(data_dir, tmp_path):
+    cfg = _cfg(data_dir)
+    full = experiment.train(cfg, tmp_path / "full", progress=False)
+
+    def kill_at_3(step, state):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    part = experiment.train(cfg, tmp_path / "part", progress=False, on_step=kill_at_3)
+    assert part == {"interrupted": True, "signal": signal.SIGTERM, "steps": 3}
+    assert ckpt.all_steps(tmp_path / "part" / "checkpoints") == [3]
+    assert not (tmp_path / "part" / "summary.json").exists()
+    resumed = experiment.train(cfg, tmp_path / "part", resume=True, progress=False)
+    # Bit for bit: the same final state, metrics log and test results.
+    want, _ = _restore(tmp_path / "full", cfg)
+    got, _ = _restore(tmp_path / "part", cfg)
+    chex.assert_trees_all_equal(got, want)
+    for key in ("test_accuracy", "ensemble_test_accuracy", "best_train_fitness"):
+        assert resumed[key] == full[key], key
+
+    def log(name):
+        return [
+            {k: v for k, v in json.loads(x).items() if k != "wall_seconds"}
+            for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        ]
+
+    assert log("part") == log("full")
+
+
+def test_resume_errors_are_clear_and_touch_nothing(data_dir, tmp_path):
+    cfg = _cfg(data_dir, steps=3)
+    with pytest.raises(ckpt.CheckpointError, match="no checkpoint"):
+        experiment.train(cfg, tmp_path, resume=True, progress=False)
+    experiment.train(cfg, tmp_path, progress=False)
+    with pytest.raises(ValueError, match=r"particles: 4 -> 8"):
+        experiment.train(
+            _cfg(data_dir, steps=3, particles=8), tmp_path, resume=True, progress=False
+        )
+    with pytest.raises(FileExistsError, match="--resume"):
+        experiment.train(cfg, tmp_path, progress=False)
+    # A damaged checkpoint: a clear error, and the files stay as they were.
+    step_dir = tmp_path / "checkpoints" / "3"
+    victims = [p for p in step_dir.rglob("*") if p.is_file() and "state" in str(p)]
+    assert victims
+    for p in victims:
+        p.write_bytes(b"garbage")
+    snapshot = {p: p.read_bytes() for p in step_dir.rglob("*") if p.is_file()}
+    with pytest.raises(ckpt.CheckpointError, match="checkpoint .*3"):
+        experiment.train(cfg, tmp_path, resume=True, progress=False)
+    assert {p: p.read_bytes() for p in step_dir.rglob("*") if p.is_file()} == snapshot
+
+
+def test_head_only_swarm_keeps_the_backbone_shared(data_dir, tmp_path):
+    # A "pretrained" backbone: the smoke model's init, saved with save_params.
+    from pso_jax.experiment import _Run, _source
+
+    cfg = _cfg(data_dir, steps=3)
+    run = _Run(cfg, _source(cfg, "train"))
+    flax_utils.save_params(tmp_path / "backbone", run.template)
+    head_cfg = _cfg(
+        data_dir, steps=3, pretrained=str(tmp_path / "backbone"), swarm_over="head"
+    )
+    experiment.train(head_cfg, tmp_path / "run", progress=False)
+    state, _ = _restore(tmp_path / "run", head_cfg)
+    swarm = state.swarm
+    P = head_cfg.particles
+    # Only the head has a particle axis; the backbone is stored once, unchanged.
+    swarmed = jax.tree_util.tree_leaves_with_path(swarm.positions)
+    assert swarmed
+    for path, x in swarmed:
+        assert "head" in jax.tree_util.keystr(path)
+        assert x.shape[0] == P
+    frozen = jax.tree.leaves(swarm.frozen_params)
+    assert frozen
+    backbone = [
+        x
+        for p, x in jax.tree_util.tree_leaves_with_path(run.template)
+        if "head" not in jax.tree_util.keystr(p)
+    ]
+    chex.assert_trees_all_equal(frozen, backbone)
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ({"particles": 0}, "particles=0"),
+        ({"model": "resnet"}, "model='resnet'"),
+        ({"swarm_over": "head"}, "needs pretrained"),
+        ({"learning_rate": -1.0}, "learning_rate=-1.0"),
+        ({"bogus": 1}, "bogus"),
+    ],
+)
+def test_bad_configs_name_the_value(override, match):
+    with pytest.raises(ValueError, match=match):
+        experiment.get_config("smoke", **override)
+
+
+def test_cli_train_bad_flag_value_exits_2(capsys):
+    assert cli.main(["train", "--config", "smoke", "--local-steps", "-1"]) == 2
+    assert "local_steps=-1" in capsys.readouterr().err
