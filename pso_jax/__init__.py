@@ -29,6 +29,7 @@ from pso_jax.pso import (
     validate_hparams,
 )
 from pso_jax.topology import TOPOLOGIES
+from pso_jax.train import Trainer, TrainState, evaluate, make_train_step
 from pso_jax.velocity import (
     PSOConvergenceWarning,
     constriction_factor,
@@ -42,6 +43,8 @@ __all__ = [
     "RANDOM_FACTORS",
     "STOP_REASONS",
     "TOPOLOGIES",
+    "TrainState",
+    "Trainer",
     "VARIANTS",
     "Bounds",
     "MinimizeResult",
@@ -54,7 +57,9 @@ __all__ = [
     "SwarmOptimizer",
     "best_params",
     "constriction_factor",
+    "evaluate",
     "in_stability_region",
+    "make_train_step",
     "minimize",
     "objectives",
     "pso",

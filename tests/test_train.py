@@ -131,6 +131,56 @@ def test_same_state_same_result_resume(setup):
     chex.assert_trees_all_equal(a, b)
 
 
+def test_scan_equals_loop_of_steps(setup):
+    template, batch = setup
+    tr = train.make_train_step(
+        apply_fn, _opt(), local_steps=1, grad_optimizer=optax.adam(0.05)
+    )
+    st0 = tr.init(jax.random.key(6), template)
+    # Three different batches, stacked on a leading axis for the scan.
+    batches = [
+        {"video": batch["video"] * (1 + 0.1 * i), "label": batch["label"]}
+        for i in range(3)
+    ]
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *batches)
+    scanned, metrics = jax.jit(tr.scan)(st0, stacked)
+    st = st0
+    losses = []
+    step = jax.jit(tr.step)
+    for b in batches:
+        st, m = step(None, st, b)
+        losses.append(m.best_fitness)
+    chex.assert_trees_all_close(scanned, st, rtol=1e-5, atol=1e-6)
+    assert metrics.best_fitness.shape == (3,)
+    np.testing.assert_allclose(metrics.best_fitness, jnp.stack(losses), rtol=1e-5)
+    assert int(scanned.swarm.step) == 3
+
+
+def test_batch_fn_is_applied_with_a_state_derived_key(setup):
+    template, batch = setup
+    seen = []
+
+    def batch_fn(key, b):
+        seen.append(key)
+        noise = 0.5 * jax.random.normal(key, b["video"].shape)
+        return {**b, "video": b["video"] + noise}
+
+    tr = train.make_train_step(apply_fn, _opt(), batch_fn=batch_fn)
+    plain = train.make_train_step(apply_fn, _opt())
+    st = tr.init(jax.random.key(7), template)
+    a, ma = tr.step(None, st, batch)
+    b, mb = tr.step(jax.random.key(1), st, batch)
+    chex.assert_trees_all_equal(a, b)  # same state => same augmentation
+    c, mc = plain.step(None, st, batch)
+    assert float(ma.mean_fitness) != float(mc.mean_fitness)  # it was applied
+    assert len(seen) == 2
+    # The next step draws a different augmentation key.
+    tr.step(None, a, batch)
+    assert not np.array_equal(
+        jax.random.key_data(seen[0]), jax.random.key_data(seen[2])
+    )
+
+
 def test_metrics_and_evaluate(setup):
     template, batch = setup
     tr = train.make_train_step(
