@@ -228,6 +228,12 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         "--local-steps", type=int, help="gradient steps per swarm step (0: pure PSO)"
     )
     s.add_argument("--lr", dest="learning_rate", type=float, help="Adam step size")
+    s.add_argument("--lr-schedule", choices=("cosine", "constant"))
+    s.add_argument(
+        "--init",
+        choices=("perturb", "independent"),
+        help="particles around one init, or one fresh init each",
+    )
     s.add_argument("--batch-size", type=_positive_int)
     s.add_argument("--variant", choices=VARIANTS)
     s.add_argument("--topology", choices=TOPOLOGIES)

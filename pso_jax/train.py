@@ -17,6 +17,7 @@ the state donated (``jax.jit(step, donate_argnums=1)``).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -315,6 +316,21 @@ def make_train_step(
     )
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _confusions(evaluate_logits, num_classes, best, ens, frozen, video, labels):
+    """Confusion matrices of the best particle and of the ensemble on one batch.
+
+    Module level, with the trainer's ``evaluate_logits`` static, so repeated
+    evaluations (validation every few steps) reuse one compiled program.
+    """
+    lb = evaluate_logits(best, frozen, video)[0]
+    le = evaluate_logits(ens, frozen, video).mean(0)
+    return (
+        confusion_matrix(jnp.argmax(lb, -1), labels, num_classes),
+        confusion_matrix(jnp.argmax(le, -1), labels, num_classes),
+    )
+
+
 class EvalResult(NamedTuple):
     """Classification metrics on a dataset (host values)."""
 
@@ -375,19 +391,12 @@ def evaluate(
     best = jax.tree.map(lambda b: b[None], swarm.best_params)
     ens = jax.tree.map(lambda a: a[top], source)
 
-    @jax.jit
-    def counts(best, ens, frozen, video, labels):
-        lb = trainer.evaluate_logits(best, frozen, video)[0]
-        le = trainer.evaluate_logits(ens, frozen, video).mean(0)
-        return (
-            confusion_matrix(jnp.argmax(lb, -1), labels, num_classes),
-            confusion_matrix(jnp.argmax(le, -1), labels, num_classes),
-        )
-
     cm_b = jnp.zeros((num_classes, num_classes), jnp.int32)
     cm_e = cm_b
     for batch in batches:
-        b, e = counts(
+        b, e = _confusions(
+            trainer.evaluate_logits,
+            num_classes,
             best,
             ens,
             swarm.frozen_params,
