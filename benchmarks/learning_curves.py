@@ -40,7 +40,7 @@ from pso_jax.data import REVERSED, load_moving_shapes
 
 
 def _run(name, cfg, out: Path, budget_s: float) -> dict:
-    workdir = out / "runs" / name
+    workdir = out / "runs" / name  # checkpoints etc.; git-ignored
     if workdir.exists():
         import shutil
 
