@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
+	rm -rf demo_out
 	$(BIN)/pso-jax demo --workdir demo_out
 
 test: $(STAMP)
@@ -29,11 +30,35 @@ $(VENV)/.bench-installed: $(STAMP)
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,bench]"
 	touch $@
 
-bench: $(VENV)/.bench-installed
-	$(BIN)/python benchmarks/swarm_step.py --out benchmarks/results
+# `make bench`: every benchmark at full size, results in benchmarks/results/ (hours
+# on the shared 2-core machine: see benchmarks/README.md). `make bench-quick`:
+# reduced grids in benchmarks/results/quick/ (20 min at a load average of 6-9,
+# less on a quiet machine). Each script also runs alone, e.g.
+# `make bench-search-quality`, or `make bench-search-quality QUICK=1`.
+RESULTS = benchmarks/results$(if $(QUICK),/quick)
+QUICK_FLAG = $(if $(QUICK),--quick)
+BENCH_TARGETS = bench-swarm-step bench-search-quality bench-video-fitness \
+	bench-learning-curves
+.PHONY: $(BENCH_TARGETS)
 
-bench-quick: $(VENV)/.bench-installed
-	$(BIN)/python benchmarks/swarm_step.py --quick --out benchmarks/results/quick
+bench: $(BENCH_TARGETS)
+
+bench-quick:
+	$(MAKE) QUICK=1 $(BENCH_TARGETS)
+
+bench-swarm-step: $(VENV)/.bench-installed
+	$(BIN)/python benchmarks/swarm_step.py $(QUICK_FLAG) --out $(RESULTS)
+
+bench-search-quality: $(VENV)/.bench-installed
+	$(BIN)/python benchmarks/search_quality.py $(QUICK_FLAG) --out $(RESULTS)
+
+bench-video-fitness: $(VENV)/.bench-installed
+	mkdir -p $(RESULTS)
+	$(BIN)/python benchmarks/video_fitness.py $(QUICK_FLAG) \
+		--out $(RESULTS)/video_fitness.md
+
+bench-learning-curves: $(VENV)/.bench-installed
+	PYTHONPATH=. $(BIN)/python benchmarks/learning_curves.py $(QUICK_FLAG) --out $(RESULTS)
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

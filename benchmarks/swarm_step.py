@@ -1,4 +1,4 @@
-"""Per-iteration time of one PSO step: pso_jax vs evosax vs pyswarms, on this CPU.
+"""Per-iteration time of one PSO step: pso_jax vs evosax, pyswarms and EvoX, this CPU.
 
 For every cell ``N particles x D dims x fitness`` this measures, in one process:
 
@@ -8,16 +8,29 @@ For every cell ``N particles x D dims x fitness`` this measures, in one process:
   ``--repeats`` calls divided by ``k`` (compile time reported separately);
 - pyswarms' ``GlobalBestPSO`` (numpy float64): ``optimize(iters=k)`` calls, the
   same way, skipping cells projected to take more than ``--pyswarms-max-s``;
+- EvoX's PSO (its PyTorch release, CPU): ``torch.compile(StdWorkflow.step)``
+  called ``k`` times per timed call, as EvoX's documentation runs it, with torch
+  at 2 threads and at 1 thread; the faster is reported (both are in the JSON);
 - the in-place bandwidth roofline: ``x += a * y`` on float32 ``[N, D]`` arrays
   with ``x`` donated; a step's roofline time is the bytes of x, v and pbest read
   and written (6 * 4 * N * D) at that bandwidth.
 
-All swarms are unbounded with no velocity clamp (evosax's PSO has neither).
+All swarms but EvoX's are unbounded with no velocity clamp (evosax's PSO has
+neither); EvoX's PSO always clamps positions and velocities to its bounds, here
+[-5.12, 5.12].
+
+``OMP_WAIT_POLICY=PASSIVE`` is set before torch is imported: on this shared
+2-core machine, OpenMP's default spin-waiting made EvoX's compiled step up to
+100x slower whenever other processes held a core (measured: 64 x 100 sphere,
+13-29 ms per step spinning vs 0.3 ms passive). JAX and numpy do not use OpenMP.
 
 Usage::
 
     PYTHONPATH=. .venv/bin/python benchmarks/swarm_step.py [--quick] \
         [--out benchmarks/results]
+    # tables and plots again from the JSON, without measuring:
+    .venv/bin/python benchmarks/swarm_step.py \
+        --replot benchmarks/results/swarm_step.json
 """
 
 from __future__ import annotations
@@ -26,17 +39,22 @@ import argparse
 import contextlib
 import datetime
 import gc
+import hashlib
 import importlib.metadata
 import json
 import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import NamedTuple
+
+# Before torch (EvoX) loads libgomp; see the module docstring.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import evosax.algorithms
 import jax
@@ -45,6 +63,17 @@ import numpy as np
 
 import pso_jax
 
+try:  # EvoX (PyTorch) is optional: its rows are skipped without it.
+    import evox
+    import evox.algorithms
+    import evox.problems.numerical
+    import evox.workflows
+    import torch
+    import torch._dynamo
+except ImportError as e:
+    evox = torch = None
+    _EVOX_IMPORT_ERROR = repr(e)
+
 # pyswarms opens ./report.log (and logs there) when imported and whenever an
 # optimizer is built: do both from a temporary directory, not the repository.
 with tempfile.TemporaryDirectory() as _tmp, contextlib.chdir(_tmp):
@@ -52,10 +81,11 @@ with tempfile.TemporaryDirectory() as _tmp, contextlib.chdir(_tmp):
 
 NS = (32, 256, 1024)
 DS = (10, 1_000, 100_000)
-QUICK_NS = (32, 256)
+QUICK_NS = (256,)
 QUICK_DS = (10, 10_000)
 FITNESSES = ("sphere", "rastrigin")
 JAX_IMPLS = ("pso_jax_per_dim", "pso_jax_per_particle", "evosax")
+HOST_IMPLS = ("pyswarms", "evox")
 
 
 # --- fitness: one particle [D] for jax, the swarm [N, D] for numpy ----------------
@@ -256,6 +286,74 @@ def bench_pyswarms(fitness_np, n, d, timing):
     )
 
 
+EVOX_BOUND = 5.12  # EvoX's PSO needs a box; it clamps x and v to it.
+
+
+def bench_evox(name, n, d, timing):
+    """EvoX PSO (torch, CPU): ``torch.compile(workflow.step)``, k calls per timing.
+
+    EvoX runs one compiled step per Python call (it has no multi-step fused
+    loop), so per-call dispatch is part of its step time. Timed with torch at 2
+    threads (its default here) and at 1; the faster is the result.
+    """
+    if evox is None:
+        return dict(skipped=f"skipped: EvoX not importable ({_EVOX_IMPORT_ERROR})")
+    threads_default = torch.get_num_threads()
+    torch._dynamo.reset()  # a fresh cache: no recompile limit across cells
+    torch.manual_seed(0)  # EvoX draws from torch's global generator
+    bound = torch.full((d,), EVOX_BOUND)
+    algo = evox.algorithms.PSO(pop_size=n, lb=-bound, ub=bound)
+    problem = {
+        "sphere": evox.problems.numerical.Sphere,
+        "rastrigin": evox.problems.numerical.Rastrigin,
+    }[name]()
+    workflow = evox.workflows.StdWorkflow(algo, problem)
+    workflow.init_step()
+    step = torch.compile(workflow.step)
+    t0 = time.perf_counter()
+    # The first call compiles; the second recompiles once (after init_step the
+    # personal-best fitness aliases the fitness buffer, which guards check).
+    step()
+    step()
+    compile_s = time.perf_counter() - t0
+
+    def call(k):
+        t0 = time.perf_counter()
+        for _ in range(k):
+            step()
+        return time.perf_counter() - t0
+
+    by_threads = {}
+    for threads in sorted({threads_default, 1}, reverse=True):
+        torch.set_num_threads(threads)
+        call(1)  # warm-up at this thread count
+        k = guess_k(n, d, timing)
+        t = call(k)
+        while t < timing.min_call_s:
+            k = math.ceil(k * 1.3 * timing.min_call_s / max(t, 1e-5))
+            t = call(k)
+        # The second thread count is a check, not the headline: fewer repeats.
+        repeats = timing.repeats if not by_threads else min(3, timing.repeats)
+        times = [t] + [call(k) for _ in range(repeats - 1)]
+        by_threads[str(threads)] = dict(
+            ms=1e3 * statistics.median(times) / k, k=k, call_s=times
+        )
+    torch.set_num_threads(threads_default)
+    best = min(by_threads, key=lambda t: by_threads[t]["ms"])
+    alg = workflow.algorithm
+    res = dict(
+        ms=by_threads[best]["ms"],
+        threads=int(best),
+        by_threads=by_threads,
+        compile_s=compile_s,
+        best_fitness=float(alg.global_best_fit),
+        max_abs_x=float(alg.pop.abs().max()),
+    )
+    del workflow, algo, alg
+    torch._dynamo.reset()
+    return res
+
+
 def bench_roofline(n, d, timing):
     """GB/s of ``x += a * y`` on f32 [n, d] arrays, ``x`` donated (in place).
 
@@ -302,10 +400,32 @@ def machine_info():
         jax_backend=jax.default_backend(),
         evosax=importlib.metadata.version("evosax"),
         pyswarms=pyswarms.__version__,
+        evox=None if evox is None else importlib.metadata.version("evox"),
+        torch=None if torch is None else torch.__version__,
+        torch_threads=None if torch is None else torch.get_num_threads(),
+        omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
         numpy=np.__version__,
+        pso_jax_source=source_fingerprint(),
         date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         loadavg_start=os.getloadavg(),
     )
+
+
+def source_fingerprint():
+    """git HEAD, and a hash of pso_jax's sources (they may differ from HEAD)."""
+    root = Path(pso_jax.__file__).parent
+    digest = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        digest.update(f.relative_to(root).as_posix().encode() + f.read_bytes())
+    head = None
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    return dict(git_head=head, sources_sha256=digest.hexdigest()[:16])
 
 
 def _ms(x):
@@ -326,6 +446,25 @@ def _ratio(a, b):
     return None if a is None or b is None else a / b
 
 
+def _get_ms(row, lib):
+    return row.get(lib, {}).get("ms")
+
+
+def _versions(info):
+    evox_ = "EvoX not installed"
+    if info.get("evox"):
+        evox_ = (
+            f"EvoX {info['evox']} (torch {info['torch']}, "
+            f"OMP_WAIT_POLICY={info['omp_wait_policy']})"
+        )
+    src = info.get("pso_jax_source") or {}
+    return (
+        f"jax {info['jax']} ({info['jax_backend']}), evosax {info['evosax']}, "
+        f"pyswarms {info['pyswarms']}, {evox_}, numpy {info['numpy']}; pso_jax "
+        f"sources {src.get('sources_sha256', '?')} (git HEAD {src.get('git_head')})"
+    )
+
+
 def write_markdown(path, result):
     command, info, roof, rows = (
         result[k] for k in ("command", "machine", "roofline", "rows")
@@ -335,12 +474,12 @@ def write_markdown(path, result):
         "",
         f"Command: `{command}`",
         "",
-        f"Machine: {info['cpu_model']}, {info['cpu_count']} cores; jax "
-        f"{info['jax']} ({info['jax_backend']}), evosax {info['evosax']}, pyswarms "
-        f"{info['pyswarms']}, numpy {info['numpy']}; {info['date']}; grid took "
+        f"Machine: {info['cpu_model']}, {info['cpu_count']} cores; "
+        f"{_versions(info)}; {info['date']}; grid took "
         f"{result['total_s'] / 60:.1f} min. Load average (1/5/15 min) at start "
         f"{_loads(info['loadavg_start'])}, at end {_loads(result['loadavg_end'])} "
-        "(the machine is shared: absolute times drift, compare ratios).",
+        "(the machine is shared with other jobs: absolute times drift by 10-40 %, "
+        "compare the ratios, which are taken within one run).",
         "",
         f"Steps per timed call k >= {result['settings']['min_steps']} (per-call "
         "costs such as fresh temporary buffers are amortised over k steps).",
@@ -356,23 +495,23 @@ def write_markdown(path, result):
         "cells fit in cache).",
         "",
         "Times are ms per iteration (median over repeats, compile excluded). "
-        "Ratios > 1 mean pso_jax is faster.",
+        "Ratios are peer time / pso_jax time: > 1 means pso_jax is faster.",
         "",
-        "| N | D | fitness | pso_jax per-dim ms | pso_jax per-particle ms | evosax ms "
-        "| pyswarms ms | evosax / pso_jax per-particle | evosax / pso_jax per-dim "
-        "| pyswarms / pso_jax per-dim | roofline fraction per-dim "
-        "| roofline fraction per-particle |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| N | D | fitness | pso_jax per-dim ms | pso_jax per-particle ms "
+        "| evosax ms | pyswarms ms | EvoX ms "
+        "| evosax / pso_jax per-particle | evosax / pso_jax per-dim "
+        "| pyswarms / pso_jax per-dim | EvoX / pso_jax per-dim "
+        "| roofline fraction per-dim | roofline fraction per-particle |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     notes = []
     for r in rows:
-        pd_, pp, ev = (r[k]["ms"] for k in JAX_IMPLS)
-        ps = r["pyswarms"].get("ms")
-        if "skipped" in r["pyswarms"]:
-            notes.append(
-                f"N={r['n']}, D={r['d']}, {r['fitness']}: pyswarms "
-                f"{r['pyswarms']['skipped']}"
-            )
+        pd_, pp, ev, ps, ex = (_get_ms(r, k) for k in (*JAX_IMPLS, *HOST_IMPLS))
+        for lib in HOST_IMPLS:
+            if "skipped" in r.get(lib, {}):
+                notes.append(
+                    f"N={r['n']}, D={r['d']}, {r['fitness']}: {lib} {r[lib]['skipped']}"
+                )
         rf = r.get("roofline_fraction", {})
         cells = [
             str(r["n"]),
@@ -382,9 +521,11 @@ def write_markdown(path, result):
             _ms(pp),
             _ms(ev),
             _ms(ps),
+            _ms(ex),
             _x(_ratio(ev, pp)),
             _x(_ratio(ev, pd_)),
             _x(_ratio(ps, pd_)),
+            _x(_ratio(ex, pd_)),
             "" if not rf else f"{100 * rf['per_dim']:.0f} %",
             "" if not rf else f"{100 * rf['per_particle']:.0f} %",
         ]
@@ -394,18 +535,35 @@ def write_markdown(path, result):
         "Fitness evaluation alone (`jit(vmap(fitness))` on each swarm's final "
         "positions, ms per call, dispatch included) and max |x| there. XLA's CPU "
         "`cos` is much cheaper for small arguments, so Rastrigin step times also "
-        "depend on how far each library's swarm has spread or collapsed.",
+        "depend on how far each library's swarm has spread or collapsed (EvoX's "
+        "positions stay in [-5.12, 5.12]; its fitness is torch code, not timed "
+        "alone).",
         "",
         "| N | D | fitness | eval ms per-dim / per-particle / evosax "
-        "| max abs x per-dim / per-particle / evosax |",
-        "|---:|---:|---|---|---|",
+        "| max abs x per-dim / per-particle / evosax / EvoX "
+        "| EvoX ms at 2 / 1 torch threads | EvoX compile s |",
+        "|---:|---:|---|---|---|---|---:|",
     ]
     for r in rows:
         evals = " / ".join(_ms(r[k]["eval_ms"]) for k in JAX_IMPLS)
-        xs = " / ".join(f"{r[k]['max_abs_x']:.3g}" for k in JAX_IMPLS)
-        lines.append(f"| {r['n']} | {r['d']} | {r['fitness']} | {evals} | {xs} |")
+        ex = r.get("evox", {})
+        xs = " / ".join(
+            f"{r[k]['max_abs_x']:.3g}" for k in JAX_IMPLS if "max_abs_x" in r[k]
+        )
+        if "max_abs_x" in ex:
+            xs += f" / {ex['max_abs_x']:.3g}"
+        by_t = ex.get("by_threads", {})
+        threads = " / ".join(_ms(by_t[t]["ms"]) for t in ("2", "1") if t in by_t)
+        comp = f"{ex['compile_s']:.1f}" if "compile_s" in ex else "—"
+        lines.append(
+            f"| {r['n']} | {r['d']} | {r['fitness']} | {evals} | {xs} "
+            f"| {threads or '—'} | {comp} |"
+        )
     lines += ["", "Notes:", ""]
     lines += [f"- {n}" for n in notes]
+    lines += [f"- {n}" for n in result.get("run_notes", [])]
+    # Measurements added to the JSON by hand after a run (see their command).
+    lines += [f"- Supplement: {s['note']}" for s in result.get("supplements", [])]
     lines += [
         "- pso_jax: `pso(..., bounds=None, velocity_clamp=None)`, default `rng` "
         "and inertia hyperparameters (w=0.7298, c1=c2=1.49618), `scan_steps` "
@@ -415,10 +573,103 @@ def write_markdown(path, result):
         "keeping only `metrics['best_fitness']` per step.",
         "- pyswarms: `GlobalBestPSO` (float64, per-dimension r1, r2), "
         "`optimize(iters=k, verbose=False)`; history lists cleared between calls.",
+        "- EvoX: `evox.algorithms.PSO` with its defaults (w=0.6, phi_p=2.5, "
+        "phi_g=0.8; per-dimension r1, r2 from torch's generator; x and v clamped "
+        f"to [-{EVOX_BOUND}, {EVOX_BOUND}]), its own `Sphere`/`Rastrigin` "
+        "problems, `StdWorkflow`, `torch.compile(workflow.step)` called k times "
+        "per timed call (EvoX has no fused multi-step loop, so Python dispatch "
+        "is part of its step). The faster of torch at 2 threads and at 1 is "
+        "reported; `OMP_WAIT_POLICY=PASSIVE` (with OpenMP's default spinning, "
+        "the compiled step was up to 100x slower whenever another process held "
+        "a core of this shared machine).",
         "- Compile times, k (steps per timed call) and every call's time are in "
-        "the JSON file next to this one.",
+        "the JSON file next to this one; plots: `swarm_step.png` (time per "
+        "iteration vs N·D, with the roofline) and `swarm_step_ratio.png` (peer "
+        "time / pso_jax time).",
     ]
     path.write_text("\n".join(lines) + "\n")
+
+
+LIB_STYLE = {
+    "pso_jax_per_dim": ("pso_jax (per-dim r)", "C0", "-", "o"),
+    "pso_jax_per_particle": ("pso_jax (per-particle r)", "C0", "--", "s"),
+    "evosax": ("evosax PSO", "C1", "-", "^"),
+    "pyswarms": ("pyswarms GlobalBestPSO", "C2", "-", "v"),
+    "evox": ("EvoX PSO (torch.compile)", "C3", "-", "D"),
+}
+
+
+def write_plots(out_dir, result, stem="swarm_step"):
+    """``swarm_step.png`` (ms vs N·D) and ``swarm_step_ratio.png`` (peer / ours)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, roof = result["rows"], result["roofline"]
+    fitnesses = [f for f in FITNESSES if any(r["fitness"] == f for r in rows)]
+    libs = (*JAX_IMPLS, *HOST_IMPLS)
+    title = (
+        f"{result['machine']['cpu_model']}, {result['machine']['cpu_count']} cores "
+        f"(shared), {result['machine']['date'][:10]}"
+    )
+    for kind in ("time", "ratio"):
+        fig, axes = plt.subplots(
+            1, len(fitnesses), figsize=(6 * len(fitnesses), 4.5), squeeze=False
+        )
+        for ax, fit in zip(axes[0], fitnesses, strict=True):
+            cell = sorted(
+                (r for r in rows if r["fitness"] == fit),
+                key=lambda r: r["n"] * r["d"],
+            )
+            nd = np.array([r["n"] * r["d"] for r in cell], float)
+            for lib in libs:
+                if kind == "ratio" and lib == "pso_jax_per_dim":
+                    continue
+                ys = [_get_ms(r, lib) for r in cell]
+                if kind == "ratio":
+                    ys = [
+                        _ratio(y, _get_ms(r, "pso_jax_per_dim"))
+                        for y, r in zip(ys, cell, strict=True)
+                    ]
+                ys = np.array([np.nan if y is None else y for y in ys], float)
+                if np.all(np.isnan(ys)):
+                    continue
+                label, color, ls, marker = LIB_STYLE[lib]
+                ax.plot(nd, ys, ls=ls, color=color, marker=marker, label=label)
+            if kind == "time":
+                roof_ms = 6 * 4 * nd / (roof["gb_per_s"] * 1e9) * 1e3
+                ax.plot(
+                    nd,
+                    roof_ms,
+                    color="k",
+                    ls=":",
+                    label=f"roofline (x, v, pbest r+w at {roof['gb_per_s']:.0f} GB/s)",
+                )
+                ax.set_ylabel("ms per iteration (median)")
+            else:
+                ax.axhline(1.0, color="k", lw=0.8)
+                ax.set_ylabel("peer time / pso_jax per-dim time (> 1: pso_jax faster)")
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ns = ", ".join(str(n) for n in sorted({r["n"] for r in cell}))
+            ax.set_xlabel(f"N particles x D dims (N in {{{ns}}})")
+            ax.set_title(f"{fit}")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.suptitle(
+            (
+                "PSO step time per iteration"
+                if kind == "time"
+                else "Time ratio to pso_jax"
+            )
+            + f" - {title}",
+            fontsize=10,
+        )
+        fig.tight_layout()
+        name = f"{stem}.png" if kind == "time" else f"{stem}_ratio.png"
+        fig.savefig(out_dir / name, dpi=110)
+        plt.close(fig)
 
 
 def bench_cell(n, d, name, args, timing, ns_per_elem):
@@ -446,7 +697,11 @@ def bench_cell(n, d, name, args, timing, ns_per_elem):
         ps_timing = timing._replace(repeats=min(reps, timing.repeats))
         row["pyswarms"] = bench_pyswarms(NP_FITNESS[name], n, d, ps_timing)
         per = row["pyswarms"]["ms"] * 1e6 / (n * d)
-        ns_per_elem[name] = max(ns_per_elem.get(name, 0.0), per)
+        # The cost per element of the largest cell so far (cells come in
+        # increasing N*D): small cells' per-call overhead would overestimate it.
+        ns_per_elem[name] = per
+    gc.collect()
+    row["evox"] = bench_evox(name, n, d, timing)
     gc.collect()
     return row
 
@@ -469,7 +724,19 @@ def main(argv=None):
         default=60.0,
         help="skip pyswarms cells projected to take longer",
     )
+    ap.add_argument(
+        "--replot",
+        type=Path,
+        default=None,
+        help="rewrite the markdown and plots from this JSON file; measure nothing",
+    )
     args = ap.parse_args(argv)
+    if args.replot is not None:
+        result = json.loads(args.replot.read_text())
+        write_markdown(args.replot.with_suffix(".md"), result)
+        write_plots(args.replot.parent, result)
+        print(f"rewrote {args.replot.with_suffix('.md')} and the plots")
+        return
     repeats = args.repeats or (3 if args.quick else 5)
     timing = Timing(args.min_call_s, repeats, args.min_steps)
     ns, ds = (QUICK_NS, QUICK_DS) if args.quick else (NS, DS)
@@ -491,7 +758,7 @@ def main(argv=None):
 
     read_roofline()
     rows = []
-    ns_per_elem = {}  # pyswarms' cost per N*D element so far, per fitness
+    ns_per_elem = {}  # pyswarms' cost per N*D element, last cell, per fitness
     t_start = time.perf_counter()
     for d in ds:
         for n in ns:
@@ -503,7 +770,7 @@ def main(argv=None):
                     f"[{time.perf_counter() - t_start:6.0f} s] N={n} D={d} {name}: "
                     + ", ".join(
                         f"{k}={rows[-1][k].get('ms', float('nan')):.3f} ms"
-                        for k in (*JAX_IMPLS, "pyswarms")
+                        for k in (*JAX_IMPLS, *HOST_IMPLS)
                     ),
                     flush=True,
                 )
@@ -536,7 +803,8 @@ def main(argv=None):
     )
     (args.out / "swarm_step.json").write_text(json.dumps(result, indent=1) + "\n")
     write_markdown(args.out / "swarm_step.md", result)
-    print(f"wrote {args.out / 'swarm_step.md'}, {args.out / 'swarm_step.json'}")
+    write_plots(args.out, result)
+    print(f"wrote {args.out}/swarm_step.{{md,json,png}}, swarm_step_ratio.png")
 
 
 if __name__ == "__main__":
