@@ -5,7 +5,7 @@ swarm is a pytree with a leading particle axis, and optimizers are pairs of pure
 functions, ``init`` and ``step``, in the manner of optax and blackjax.
 """
 
-from pso_jax import objectives
+from pso_jax import objectives, sharding
 from pso_jax.base import StepInfo, SwarmOptimizer
 from pso_jax.bounds import BOUND_HANDLERS
 from pso_jax.minimize import (
@@ -27,6 +27,11 @@ from pso_jax.pso import (
     best_params,
     pso,
     validate_hparams,
+)
+from pso_jax.sharding import (
+    ShardedSwarmOptimizer,
+    initialize_distributed,
+    make_mesh,
 )
 from pso_jax.topology import TOPOLOGIES
 from pso_jax.train import Trainer, TrainState, evaluate, make_train_step
@@ -53,18 +58,22 @@ __all__ = [
     "PSOHyperParams",
     "PSOState",
     "RunInfo",
+    "ShardedSwarmOptimizer",
     "StepInfo",
     "SwarmOptimizer",
     "best_params",
     "constriction_factor",
     "evaluate",
     "in_stability_region",
+    "initialize_distributed",
+    "make_mesh",
     "make_train_step",
     "minimize",
     "objectives",
     "pso",
     "run",
     "scan_steps",
+    "sharding",
     "step_key",
     "validate_hparams",
 ]

@@ -183,6 +183,13 @@ def save_params(
 
     Raises:
       FileExistsError: if ``path`` exists and not ``force``.
+
+    >>> import os, tempfile, jax.numpy as jnp
+    >>> params = {"head": {"kernel": jnp.ones((4, 2)), "bias": jnp.zeros(2)}}
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     save_params(os.path.join(tmp, "head"), params)
+    ...     print(sorted(os.listdir(tmp)))
+    ['head']
     """
     import orbax.checkpoint as ocp
 
@@ -209,6 +216,14 @@ def load_params(path: str | os.PathLike, template: PyTree | None = None) -> PyTr
       FileNotFoundError: if ``path`` does not exist.
       ValueError: if the checkpoint does not match ``template``; the message names
         the first mismatching key path.
+
+    >>> import os, tempfile, jax.numpy as jnp
+    >>> params = {"head": {"kernel": jnp.ones((4, 2)), "bias": jnp.zeros(2)}}
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     save_params(os.path.join(tmp, "head"), params)
+    ...     restored = load_params(os.path.join(tmp, "head"), template=params)
+    >>> restored["head"]["kernel"].shape, float(restored["head"]["kernel"].sum())
+    ((4, 2), 8.0)
     """
     import orbax.checkpoint as ocp
 

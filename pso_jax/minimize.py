@@ -73,7 +73,17 @@ class MinimizeResult(NamedTuple):
 
 
 def step_key(key: PRNGKey, state: PSOState) -> PRNGKey:
-    """The key of the step the state is about to take."""
+    """The key of the step the state is about to take.
+
+    >>> import jax, jax.numpy as jnp
+    >>> from pso_jax.pso import pso
+    >>> opt = pso(lambda x, _: jnp.sum(x**2), num_particles=4)
+    >>> state = opt.init(jax.random.key(0), jnp.zeros(2))
+    >>> key = jax.random.key(1)
+    >>> bool((jax.random.key_data(step_key(key, state))
+    ...       == jax.random.key_data(jax.random.fold_in(key, 0))).all())
+    True
+    """
     return jax.random.fold_in(key, state.step)
 
 
@@ -89,6 +99,16 @@ def scan_steps(
 
     Returns:
       ``(state, infos)``: the final state and the stacked per-step ``StepInfo``.
+
+    >>> import jax, jax.numpy as jnp
+    >>> from pso_jax.pso import pso
+    >>> opt = pso(lambda x, _: jnp.sum(x**2), num_particles=8, bounds=(-1.0, 1.0))
+    >>> hp = opt.default_hparams
+    >>> state = opt.init(jax.random.key(0), jnp.zeros(3), hp)
+    >>> go = jax.jit(lambda st: scan_steps(jax.random.key(1), opt, st, hp, 50))
+    >>> state, infos = go(state)
+    >>> infos.best_fitness.shape, bool(infos.best_fitness[-1] <= infos.best_fitness[0])
+    ((50,), True)
     """
 
     def body(st, _):
@@ -124,6 +144,17 @@ def run(
 
     Returns:
       ``(state, RunInfo)``.
+
+    >>> import jax, jax.numpy as jnp
+    >>> from pso_jax.pso import pso
+    >>> opt = pso(lambda x, _: jnp.sum(x**2), num_particles=16, bounds=(-5.0, 5.0))
+    >>> hp = opt.default_hparams
+    >>> state = opt.init(jax.random.key(0), jnp.zeros(3), hp)
+    >>> go = jax.jit(lambda st: run(jax.random.key(1), opt, st, hp, num_steps=500,
+    ...                             target_fitness=1e-4))
+    >>> state, info = go(state)
+    >>> STOP_REASONS[int(info.stop_reason)], bool(info.num_steps < 500)
+    ('target', True)
     """
     if num_steps < 1:
         raise ValueError(f"num_steps={num_steps}: must be >= 1")
@@ -243,7 +274,10 @@ def minimize(
       maximize: maximise instead.
       hparams: a ``PSOHyperParams``; default: the variant's.
       **pso_kwargs: other arguments of :func:`~pso_jax.pso.pso` (bound handling,
-        velocity clamp, hyperparameter overrides, ...).
+        velocity clamp, hyperparameter overrides, ...). ``mesh=`` (from
+        :func:`pso_jax.sharding.make_mesh`) shards the swarm over devices, with
+        the same result as on one device; ``pad=True`` pads a swarm size (also
+        the restarts' larger ones) that does not divide the devices.
 
     Returns:
       A :class:`MinimizeResult`.

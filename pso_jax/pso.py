@@ -174,6 +174,14 @@ class PSOConfig:
     stagnation: str | None
     rng: str | Callable
     schedules: tuple[tuple[str, Callable], ...]
+    # Sharding (see pso_jax.sharding): the swarm split over `num_shards` devices
+    # along the mesh axis `particle_axis`; the functions built from this config
+    # are then per-shard kernels with collectives over that axis. `data_axis`
+    # splits the batch; the last `num_inert` particles are padding.
+    num_shards: int = 1
+    particle_axis: str | None = None
+    data_axis: str | None = None
+    num_inert: int = 0
 
 
 def _concrete_float(x) -> float | None:
@@ -193,6 +201,13 @@ def validate_hparams(hparams: PSOHyperParams, variant: str = "inertia") -> None:
     Warns:
       PSOConvergenceWarning: when ``(w, c1, c2)`` lie outside Poli's (2009)
         stability region.
+
+    >>> opt = pso(num_particles=4)
+    >>> validate_hparams(opt.default_hparams)  # the defaults are valid
+    >>> validate_hparams(opt.default_hparams.replace(cognitive=jnp.float32(-1.0)))
+    Traceback (most recent call last):
+    ...
+    ValueError: hparams.cognitive=-1.0 is out of range
     """
     vals = {}
     for name in _HPARAM_NAMES:
@@ -355,6 +370,8 @@ def pso(
     maximize: bool = False,
     stagnation: str | None = None,
     rng: str = "hash",
+    mesh: jax.sharding.Mesh | None = None,
+    pad: bool = False,
     **hparams: float | Callable[[jax.Array], jax.Array],
 ) -> SwarmOptimizer:
     """Build a particle swarm optimizer: a pair of pure ``init``/``step`` functions.
@@ -394,6 +411,22 @@ def pso(
         ``"jax"`` (``jax.random``'s default), or a function
         ``rng(key, shape, dtype) -> uniforms in [0, 1)`` for the random factors
         (Gaussian draws then use ``"hash"``).
+      mesh: a ``jax.sharding.Mesh`` with a ``"particles"`` axis (and optionally
+        a ``"data"`` axis), e.g. from :func:`pso_jax.sharding.make_mesh`: shard
+        the swarm over its devices. Every per-particle leaf of the state is then
+        split on the particle axis (each device stores and updates only its own
+        ``num_particles / devices`` particles, inside ``jax.shard_map``); the
+        global best and neighbourhood bests cross shards by collectives, so the
+        trajectory does not depend on the device count. A ``"data"`` axis splits
+        the batch's leading axis, and the fitness of a particle is the mean of
+        ``fitness_fn`` over the data shards (so ``fitness_fn`` must be a mean
+        over the batch). Needs ``rng="hash"``. The result is a
+        :class:`~pso_jax.sharding.ShardedSwarmOptimizer`.
+      pad: with ``mesh``, when ``num_particles`` does not divide by the devices
+        of the particle axis, add inert particles up to the next multiple (they
+        are evaluated and move, but their fitness always counts as the worst, so
+        they never become personal, neighbourhood or swarm bests). Without
+        ``pad`` such a count raises an error naming the valid counts.
       **hparams: overrides of :class:`PSOHyperParams` defaults: numbers, or
         schedules ``step -> value`` (e.g. ``optax.linear_schedule``) evaluated
         each step from the state's step counter.
@@ -418,6 +451,23 @@ def pso(
         raise ValueError(f"num_particles must be an int, got {num_particles!r}")
     if num_particles < 1:
         raise ValueError(f"num_particles={num_particles}: must be >= 1")
+    num_shards, particle_axis, data_axis, num_inert = 1, None, None, 0
+    if mesh is not None:
+        # Imported here: sharding builds on this module.
+        from pso_jax import sharding as sharding_lib
+
+        num_shards, data_axis = sharding_lib.mesh_axes(mesh)
+        particle_axis = sharding_lib.PARTICLE_AXIS
+        padded = sharding_lib.padded_num_particles(num_particles, num_shards, pad)
+        num_inert = padded - int(num_particles)
+        num_particles = padded
+        if rng != "hash":
+            raise ValueError(
+                f"rng={rng!r} cannot be sharded: a sharded swarm needs rng='hash', "
+                "whose draws for a shard's rows equal the unsharded swarm's"
+            )
+    elif pad:
+        raise ValueError("pad=True needs a mesh= to pad the particle count for")
     _check_choice("variant", variant, VARIANTS)
     if topology is None:
         topology = "random" if variant == "spso2011" else "global"
@@ -495,15 +545,133 @@ def pso(
         stagnation=stagnation,
         rng=rng,
         schedules=tuple(sorted(schedules.items())),
+        num_shards=num_shards,
+        particle_axis=particle_axis,
+        data_axis=data_axis,
+        num_inert=num_inert,
     )
     table = topology_lib.neighbour_table(topology, num_particles, ring_neighbors)
-    return _build(config, fitness_fn, mask, init_fn, bounds, table, default_hparams)
+    opt = _build(config, fitness_fn, mask, init_fn, bounds, table, default_hparams)
+    if mesh is None:
+        return opt
+    return sharding_lib.shard_optimizer(opt, mesh)
 
 
 def _build(config, fitness_fn, mask, init_fn, bounds, table, default_hparams):
+    # P is the whole swarm; Pl the particles this function instance holds: all of
+    # them, or one shard's when the config is sharded (the functions then run
+    # inside shard_map over `axis`, one instance per device).
     P = config.num_particles
+    S = config.num_shards
+    axis = config.particle_axis
+    sharded = axis is not None
+    Pl = P // S
+    num_real = P - config.num_inert
     worst = -jnp.inf if config.maximize else jnp.inf
     sign = -1.0 if config.maximize else 1.0
+    if sharded and table is not None:
+        halo, shard_tables = topology_lib.shard_tables(table, S)
+
+    def row0():
+        """Global index of this instance's first particle (a Python 0 unsharded)."""
+        if not sharded:
+            return 0
+        return jax.lax.axis_index(axis) * Pl
+
+    def own_rows():
+        """``[Pl]`` int32 global indices of this instance's particles."""
+        return row0() + jnp.arange(Pl, dtype=jnp.int32)
+
+    def all_gather(x, tiled=False):
+        # "invarying": the result is the same on every shard, which shard_map's
+        # replication check must know for swarm-wide outputs.
+        return jax.lax.all_gather(x, axis, tiled=tiled, to="invarying")
+
+    def gather_all(x):
+        """The whole swarm's ``[P]`` vector from every shard's ``[Pl]`` (cheap)."""
+        return all_gather(x, tiled=True) if sharded else x
+
+    def global_argmin(key_local, value_local):
+        """``(g, value[g])`` with ``g`` the swarm-wide ``argmin`` of ``key``.
+
+        Ties go to the lowest global index, as ``jnp.argmin`` on the whole swarm:
+        each shard's first local minimum, then the first shard among equals.
+        """
+        li = jnp.argmin(key_local)
+        if not sharded:
+            return li, value_local[li]
+        keys = all_gather(key_local[li])  # [S]
+        vals = all_gather(value_local[li])
+        idx = all_gather(row0() + li.astype(jnp.int32))
+        s = jnp.argmin(keys)
+        return idx[s], vals[s]
+
+    def broadcast_from(x, mine):
+        """``x`` of the one shard where ``mine`` is True, on every shard, exactly.
+
+        A psum of the bit patterns (zeros elsewhere) is exact for any dtype, and
+        keeps -0.0 and NaN payloads that a float sum would not.
+        """
+        uint = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}
+        bits = jax.lax.bitcast_convert_type(x, uint[x.dtype.itemsize])
+        bits = jax.lax.psum(jnp.where(mine, bits, jnp.zeros_like(bits)), axis)
+        return jax.lax.bitcast_convert_type(bits, x.dtype)
+
+    def take_row(tree, g):
+        """Row ``g`` (a global particle index) of ``[Pl, ...]`` leaves, everywhere."""
+        if not sharded:
+            return jax.tree.map(lambda p: p[g], tree)
+        owner = g // Pl
+        mine = jax.lax.axis_index(axis) == owner
+        return jax.tree.map(lambda p: broadcast_from(p[g - owner * Pl], mine), tree)
+
+    def gather_rows(tree, gidx):
+        """Rows ``gidx`` (``[Pl]`` global indices, any shard) of ``[Pl, ...]`` leaves.
+
+        Unsharded a plain gather. Sharded, the blocks travel round the ring of
+        shards (S - 1 collective permutes of one block each) and each shard keeps
+        the rows it asked for as they pass: the whole swarm crosses the
+        interconnect once per call, but it is never gathered on one device.
+        """
+        if not sharded:
+            return jax.tree.map(lambda p: p[gidx], tree)
+        me = jax.lax.axis_index(axis)
+        owner, lidx = gidx // Pl, gidx % Pl
+        shift = [(j, (j - 1) % S) for j in range(S)]  # receive from the next shard
+
+        def one(p):
+            sel = (Pl,) + (1,) * (p.ndim - 1)
+            out = p[lidx]
+            block = p
+            for d in range(1, S):
+                block = jax.lax.ppermute(block, axis, shift)  # shard me + d's rows
+                here = (owner == (me + d) % S).reshape(sel)
+                out = jnp.where(here, block[lidx], out)
+            return out
+
+        return jax.tree.map(one, tree)
+
+    def halos(x, width):
+        """The ``width`` particles before and after this shard's block (wrapping).
+
+        ``x`` is ``[Pl, ...]``; returns ``(left, right)``, each ``[width, ...]``,
+        gathered by collective permutes from the neighbouring shards (further
+        ones when ``width > Pl``), sending only the rows needed.
+        """
+        lefts, rights = [], []
+        for d in range(1, -(-width // Pl) + 1):
+            n = min(Pl, width - (d - 1) * Pl)
+            to_next = [(j, (j + d) % S) for j in range(S)]
+            to_prev = [(j, (j - d) % S) for j in range(S)]
+            lefts.insert(0, jax.lax.ppermute(x[Pl - n :], axis, to_next))
+            rights.append(jax.lax.ppermute(x[:n], axis, to_prev))
+        return jnp.concatenate(lefts), jnp.concatenate(rights)
+
+    def inert_rows():
+        """``[Pl]`` bool: padding particles (``None`` when there are none)."""
+        if not config.num_inert:
+            return None
+        return own_rows() >= num_real
 
     def score(f):
         """Minimisation key: lower is better, non-finite is +inf."""
@@ -512,24 +680,26 @@ def _build(config, fitness_fn, mask, init_fn, bounds, table, default_hparams):
     def sanitize(f):
         return jnp.where(jnp.isfinite(f), f, worst)
 
+    # Every random draw below is per particle (axis 0 = this instance's rows), so
+    # a shard draws its own rows of the unsharded swarm's draw by row_offset.
     def uniform(key, shape, dtype):
         """Uniforms in [0, 1) from the configured generator."""
         if callable(config.rng):
             return jnp.asarray(config.rng(key, shape, dtype), dtype)
         if config.rng == "jax":
             return jax.random.uniform(key, shape, dtype)
-        return prandom.uniform(key, shape, dtype)
+        return prandom.uniform(key, shape, dtype, row_offset=row0())
 
     def factors(key, leaf):
         if config.random_factors == "per_particle":
-            r = uniform(key, (P,), leaf.dtype)
-            return r.reshape((P,) + (1,) * (leaf.ndim - 1))
+            r = uniform(key, (Pl,), leaf.dtype)
+            return r.reshape((Pl,) + (1,) * (leaf.ndim - 1))
         return uniform(key, leaf.shape, leaf.dtype)
 
     def normal(key, shape, dtype):
         if not callable(config.rng) and config.rng == "jax":
             return jax.random.normal(key, shape, dtype)
-        return prandom.normal(key, shape, dtype)
+        return prandom.normal(key, shape, dtype, row_offset=row0())
 
     def resolve(hparams, step):
         if not config.schedules:
@@ -573,13 +743,16 @@ def _build(config, fitness_fn, mask, init_fn, bounds, table, default_hparams):
         kv = leaf_keys(key_v, template_sw, 1)
         drawn_sw = None
         if init_fn is not None:
+            keys_fn = jax.random.split(key_fn, P)
+            if sharded:  # this shard's rows of the swarm's keys
+                keys_fn = jax.lax.dynamic_slice_in_dim(keys_fn, row0(), Pl)
             drawn = jax.vmap(init_fn, in_axes=(0, None))(
-                jax.random.split(key_fn, P), combine(template_sw, frozen)
+                keys_fn, combine(template_sw, frozen)
             )
             drawn_sw = partition(drawn, swarm_mask(template_sw))[0]
 
         def one(i, t, lo, hi, d):
-            shape = (P,) + jnp.shape(t)
+            shape = (Pl,) + jnp.shape(t)
             dtype = jnp.result_type(t)
             u = uniform(kx[i][0], shape, dtype)
             w = 2 * uniform(kv[i][0], shape, dtype) - 1
@@ -650,14 +823,24 @@ def _build(config, fitness_fn, mask, init_fn, bounds, table, default_hparams):
                 lambda i, t, lo, hi: (hi - lo).astype(t.dtype), template_sw, low, high
             )
         else:
+
+            def spread(x):
+                if not sharded:
+                    return jnp.std(x)
+                # Two-pass std over all shards: equal to jnp.std up to rounding
+                # (the sums are taken in a different order).
+                n = P * math.prod(x.shape[1:])
+                mean = jax.lax.psum(jnp.sum(x), axis) / n
+                return jnp.sqrt(jax.lax.psum(jnp.sum(jnp.square(x - mean)), axis) / n)
+
             vscale = jax.tree.map(
-                lambda x: jnp.where(jnp.std(x) > 0, jnp.std(x), 1.0).astype(x.dtype),
+                lambda x: jnp.where(spread(x) > 0, spread(x), 1.0).astype(x.dtype),
                 positions,
             )
-        fitness = jnp.full((P,), worst, jnp.float32)
+        fitness = jnp.full((Pl,), worst, jnp.float32)
         links = None
         if config.topology == "random":
-            links = topology_lib.random_links(key_links, P, config.num_informants)
+            links = draw_links(key_links)
         return PSOState(
             positions=positions,
             velocities=velocities,
@@ -667,7 +850,7 @@ def _build(config, fitness_fn, mask, init_fn, bounds, table, default_hparams):
                 None if config.variant == "cso" else jax.tree.map(jnp.copy, positions)
             ),
             pbest_fitness=jnp.copy(fitness),
-            best_params=jax.tree.map(lambda x: x[0], positions),
+            best_params=take_row(positions, 0),
             best_fitness=jnp.asarray(worst, jnp.float32),
             frozen_params=frozen,
             low=low,
@@ -679,20 +862,77 @@ def _build(config, fitness_fn, mask, init_fn, bounds, table, default_hparams):
             num_restarts=jnp.zeros((), jnp.int32),
         )
 
+    def draw_links(key):
+        """Random-topology links: ``[Pl, P]``, this instance's rows of ``[P, P]``."""
+        if not sharded:
+            return topology_lib.random_links(key, P, config.num_informants)
+        return topology_lib.random_links(
+            key, P, config.num_informants, row_offset=row0(), num_rows=Pl
+        )
+
     def ask(state: PSOState) -> PyTree:
         """Full parameters of every particle, ``[P, ...]`` leaves."""
         frozen_b = jax.tree.map(
-            lambda f: jnp.broadcast_to(f, (P,) + jnp.shape(f)), state.frozen_params
+            lambda f: jnp.broadcast_to(f, (Pl,) + jnp.shape(f)), state.frozen_params
         )
         return combine(state.positions, frozen_b)
 
-    def move(key, state, hp, pbest, pbest_score, improved, g):
+    def neighbour_bests(state, pbest, p_score, g, g_row):
+        """Each particle's neighbourhood best, read from the new personal bests.
+
+        Returns:
+          ``(nbest, is_self)``: a tree of ``[Pl, ...]`` leaves (``[1, ...]`` for
+          the global topology: the one best ``g_row``, broadcast), and ``[Pl]``
+          bool, True where a particle is its own neighbourhood best.
+        """
+        if not sharded:
+            nidx = topology_lib.neighbour_best_index(
+                config.topology, p_score, table, state.links
+            )
+            if nidx is None:
+                return jax.tree.map(lambda p: p[g][None], pbest), jnp.arange(P) == g
+            return jax.tree.map(lambda p: p[nidx], pbest), nidx == jnp.arange(P)
+        if config.topology == "global":
+            return jax.tree.map(lambda r: r[None], g_row), own_rows() == g
+        if config.topology == "random":
+            # Any particle may inform any other: all [P] scores (cheap), then the
+            # chosen rows from whichever shard holds them.
+            nidx = topology_lib.neighbour_best_index(
+                "random", gather_all(p_score), None, state.links, own_rows()
+            )
+            return gather_rows(pbest, nidx), nidx == own_rows()
+        # Ring / von Neumann: neighbours lie within `halo` particles, so a halo
+        # from the adjacent shards completes every neighbourhood; the tables
+        # index [left halo | own block | right halo] in the unsharded column
+        # order, which keeps ties (and so the trajectory) the same.
+        tab = jnp.asarray(shard_tables)[jax.lax.axis_index(axis)]  # [Pl, M]
+        self_pos = halo + jnp.arange(Pl, dtype=jnp.int32)
+        if halo == 0:  # one particle per neighbourhood
+            return jax.tree.map(lambda p: p, pbest), jnp.ones((Pl,), bool)
+        left, right = halos(p_score, halo)
+        ext = jnp.concatenate([left, p_score, right])
+        best = jnp.argmin(ext[tab], axis=1)
+        pos = jnp.take_along_axis(tab, best[:, None], axis=1)[:, 0]  # [Pl]
+        in_left, in_right = pos < halo, pos >= halo + Pl
+
+        def rows(p):
+            # Rows of the extended block without materialising it (a copy of
+            # the whole block per step otherwise).
+            lp, rp = halos(p, halo)
+            sel = (Pl,) + (1,) * (p.ndim - 1)
+            a = lp[jnp.clip(pos, 0, halo - 1)]
+            b = rp[jnp.clip(pos - halo - Pl, 0, halo - 1)]
+            c = p[jnp.clip(pos - halo, 0, Pl - 1)]
+            return jnp.where(
+                in_left.reshape(sel), a, jnp.where(in_right.reshape(sel), b, c)
+            )
+
+        return jax.tree.map(rows, pbest), pos == self_pos
+
+    def move(key, state, hp, pbest, pbest_score, improved, g, g_row):
         """Velocity and position update for the pbest-based variants."""
         w, c1, c2 = velocity_lib.effective_coefficients(
             config.variant, hp.inertia, hp.cognitive, hp.social
-        )
-        nidx = topology_lib.neighbour_best_index(
-            config.topology, pbest_score, table, state.links
         )
         x_tree, v_tree, p_old = state.positions, state.velocities, state.pbest_params
 
@@ -700,19 +940,18 @@ def _build(config, fitness_fn, mask, init_fn, bounds, table, default_hparams):
         # of the old ones instead (where(improved, x, p_old)[g]) keeps the old
         # buffer alive past its in-place update, and XLA then copies the whole
         # [P, ...] array every step (measured: +1 copy, ~1.5x slower step).
-        if nidx is None:
-            nbest = jax.tree.map(lambda p: p[g][None], pbest)
-        else:
-            nbest = jax.tree.map(lambda p: p[nidx], pbest)
+        nbest, n_is_self = neighbour_bests(state, pbest, pbest_score, g, g_row)
         keys = leaf_keys(key, x_tree, 4)
 
         if config.variant == "spso2011":
-            return _spso2011_move(keys, state, hp, w, c1, c2, improved, nbest, nidx, g)
+            return _spso2011_move(
+                keys, state, hp, w, c1, c2, improved, nbest, n_is_self
+            )
 
         def one(i, x, v, p_old, n, lo, hi, vs, handling):
             # The new personal best, computed inline rather than read back: the
             # update then reads x, v and the old pbest once, in one fusion.
-            p = jnp.where(improved.reshape((P,) + (1,) * (x.ndim - 1)), x, p_old)
+            p = jnp.where(improved.reshape((Pl,) + (1,) * (x.ndim - 1)), x, p_old)
             r1 = factors(keys[i][0], x)
             r2 = factors(keys[i][1], x)
             v_new = w * v + c1 * r1 * (p - x) + c2 * r2 * (n - x)
@@ -744,16 +983,14 @@ def _build(config, fitness_fn, mask, init_fn, bounds, table, default_hparams):
             x_new, v_new = bounds_lib.apply(handling, x_new, v_new, lo, hi, u)
         return x_new.astype(x.dtype), v_new.astype(x.dtype)
 
-    def _spso2011_move(keys, state, hp, w, c1, c2, improved, nbest, nidx, g):
+    def _spso2011_move(keys, state, hp, w, c1, c2, improved, nbest, n_is_self):
         x_tree = state.positions
-        self_idx = jnp.arange(P)
-        n_is_self = (self_idx == g) if nidx is None else (nidx == self_idx)
 
         def centre(i, x, p_old, n):
-            p = jnp.where(improved.reshape((P,) + (1,) * (x.ndim - 1)), x, p_old)
+            p = jnp.where(improved.reshape((Pl,) + (1,) * (x.ndim - 1)), x, p_old)
             pp = x + c1 * factors(keys[i][0], x) * (p - x)
             ll = x + c2 * factors(keys[i][1], x) * (n - x)
-            c = n_is_self.reshape((P,) + (1,) * (x.ndim - 1))
+            c = n_is_self.reshape((Pl,) + (1,) * (x.ndim - 1))
             return jnp.where(c, (x + pp) / 2, (x + pp + ll) / 3)
 
         g_tree = map_leaves(centre, x_tree, state.pbest_params, nbest)
@@ -761,7 +998,7 @@ def _build(config, fitness_fn, mask, init_fn, bounds, table, default_hparams):
 
         def per_particle_sq(t):
             return sum(
-                jnp.sum(jnp.square(a).reshape(P, -1), axis=1)
+                jnp.sum(jnp.square(a).reshape(Pl, -1), axis=1)
                 for a in jax.tree.leaves(t)
             )
 
@@ -770,11 +1007,11 @@ def _build(config, fitness_fn, mask, init_fn, bounds, table, default_hparams):
         )
         dir_norm = jnp.sqrt(per_particle_sq(dirs))
         num_dims = sum(int(np.prod(a.shape[1:])) for a in jax.tree.leaves(x_tree))
-        u = uniform(keys[0][3], (P,), jnp.float32)
+        u = uniform(keys[0][3], (Pl,), jnp.float32)
         scale = radius * u ** (1.0 / num_dims) / jnp.maximum(dir_norm, 1e-30)
 
         def one(i, x, v, gc, d, lo, hi, vs, handling):
-            s = scale.reshape((P,) + (1,) * (x.ndim - 1)).astype(x.dtype)
+            s = scale.reshape((Pl,) + (1,) * (x.ndim - 1)).astype(x.dtype)
             v_new = w * v + gc + s * d - x
             return finish(i, keys, x, v_new, lo, hi, vs, handling, hp)
 
@@ -790,32 +1027,54 @@ def _build(config, fitness_fn, mask, init_fn, bounds, table, default_hparams):
             _normalize_handling(config.bound_handling, x_tree),
         )
 
+    def swarm_mean(x):
+        """``[1, ...]`` mean over the (real) particles of a ``[Pl, ...]`` leaf."""
+        if not sharded:
+            return jnp.mean(x, axis=0, keepdims=True)
+        # A sum of per-shard sums: the mean up to rounding (another sum order).
+        inert = inert_rows()
+        if inert is not None:
+            x = jnp.where(inert.reshape((Pl,) + (1,) * (x.ndim - 1)), 0, x)
+        acc = jnp.promote_types(x.dtype, jnp.float32)
+        total = jax.lax.psum(jnp.sum(x, axis=0, keepdims=True, dtype=acc), axis)
+        return (total / num_real).astype(x.dtype)
+
     def cso_move(key, state, hp, f_score):
         key_pair, key_r = jax.random.split(key)
+        # The pairing is drawn over the whole swarm (the same on every shard).
         perm = jax.random.permutation(key_pair, P)
         half = P // 2
         a, b = perm[:half], perm[half : 2 * half]
-        a_wins = f_score[a] <= f_score[b]
+        f_all = gather_all(f_score)
+        a_wins = f_all[a] <= f_all[b]
         loser = jnp.where(a_wins, b, a)
         partner = jnp.arange(P).at[a].set(b).at[b].set(a)
         is_loser = jnp.zeros((P,), bool).at[loser].set(True)
+        x_partner = None
+        if sharded:
+            partner = jax.lax.dynamic_slice_in_dim(partner, row0(), Pl)
+            is_loser = jax.lax.dynamic_slice_in_dim(is_loser, row0(), Pl)
+            x_partner = gather_rows(state.positions, partner)
         keys = leaf_keys(key_r, state.positions, 4)
         phi = hp.social
 
-        def one(i, x, v, lo, hi, vs, handling):
-            xbar = jnp.mean(x, axis=0, keepdims=True)
+        def one(i, x, v, xp, lo, hi, vs, handling):
+            xbar = swarm_mean(x)
+            if xp is None:
+                xp = x[partner]
             r1 = factors(keys[i][0], x)
             r2 = factors(keys[i][1], x)
             r3 = factors(keys[i][2], x)
-            v_l = r1 * v + r2 * (x[partner] - x) + phi * r3 * (xbar - x)
+            v_l = r1 * v + r2 * (xp - x) + phi * r3 * (xbar - x)
             x_l, v_l = finish(i, keys, x, v_l, lo, hi, vs, handling, hp)
-            c = is_loser.reshape((P,) + (1,) * (x.ndim - 1))
+            c = is_loser.reshape((Pl,) + (1,) * (x.ndim - 1))
             return jnp.where(c, x_l, x), jnp.where(c, v_l, v)
 
         positions, velocities = map_leaves(
             one,
             state.positions,
             state.velocities,
+            x_partner,
             state.low,
             state.high,
             state.vscale,
@@ -825,9 +1084,14 @@ def _build(config, fitness_fn, mask, init_fn, bounds, table, default_hparams):
 
     def remedy(key, state, hp, positions, velocities, pbest, pbest_fitness, f_score):
         """Re-place the worst ``restart_fraction`` of particles (stagnation)."""
-        order = jnp.argsort(-f_score, stable=True)  # worst first
+        f_all = gather_all(f_score)  # the ranking is over the whole swarm
+        if config.num_inert:  # padding is never chosen (and does not count)
+            f_all = jnp.where(np.arange(P) >= num_real, -jnp.inf, f_all)
+        order = jnp.argsort(-f_all, stable=True)  # worst first
         rank = jnp.zeros((P,), jnp.int32).at[order].set(jnp.arange(P, dtype=jnp.int32))
-        n_sel = jnp.ceil(hp.restart_fraction * P).astype(jnp.int32)
+        n_sel = jnp.ceil(hp.restart_fraction * num_real).astype(jnp.int32)
+        if sharded:
+            rank = jax.lax.dynamic_slice_in_dim(rank, row0(), Pl)
         sel = rank < n_sel
         template = state.best_params
         if config.stagnation == "resample":
@@ -872,14 +1136,18 @@ def _build(config, fitness_fn, mask, init_fn, bounds, table, default_hparams):
         if hparams is None:
             hparams = default_hparams
         fitness = jnp.asarray(fitness)
-        if fitness.shape != (P,):
+        if fitness.shape != (Pl,):
+            where = f" (this shard's {Pl} of {P})" if sharded else ""
             raise ValueError(
-                f"fitness must have shape ({P},) (one scalar per particle), got "
-                f"{fitness.shape}"
+                f"fitness must have shape ({Pl},){where} (one scalar per particle), "
+                f"got {fitness.shape}"
             )
         hp = resolve(hparams, state.step)
         key_move, key_links, key_remedy = jax.random.split(key, 3)
         f = sanitize(fitness.astype(jnp.float32))
+        inert = inert_rows()
+        if inert is not None:  # padding: always the worst, so never a best
+            f = jnp.where(inert, worst, f)
         f_score = score(f)
         improved = f_score < score(state.pbest_fitness)
         pbest_fitness = jnp.where(improved, f, state.pbest_fitness)
@@ -890,16 +1158,14 @@ def _build(config, fitness_fn, mask, init_fn, bounds, table, default_hparams):
             positions, velocities, is_loser = cso_move(key_move, state, hp, f_score)
             # The best is a winner (ties go to winners), which did not move: read
             # it from the new positions so the old buffer can be updated in place.
-            g = jnp.argmin(jnp.where(is_loser, jnp.inf, f_score))
-            cand_params = jax.tree.map(lambda x: x[g], positions)
-            cand_fit = f[g]
+            g, cand_fit = global_argmin(jnp.where(is_loser, jnp.inf, f_score), f)
+            cand_params = take_row(positions, g)
         else:
-            g = jnp.argmin(p_score)
+            g, cand_fit = global_argmin(p_score, pbest_fitness)
             pbest = tree_where(improved, state.positions, state.pbest_params)
-            cand_params = jax.tree.map(lambda p: p[g], pbest)
-            cand_fit = pbest_fitness[g]
+            cand_params = take_row(pbest, g)
             positions, velocities = move(
-                key_move, state, hp, pbest, p_score, improved, g
+                key_move, state, hp, pbest, p_score, improved, g, cand_params
             )
         better = score(cand_fit) < score(state.best_fitness)
         best_fitness = jnp.where(better, cand_fit, state.best_fitness)
@@ -935,10 +1201,19 @@ def _build(config, fitness_fn, mask, init_fn, bounds, table, default_hparams):
             num_restarts = num_restarts + restarted.astype(jnp.int32)
         links = state.links
         if config.topology == "random":
-            new_links = topology_lib.random_links(key_links, P, config.num_informants)
-            links = jnp.where(better, links, new_links)
+            links = jnp.where(better, links, draw_links(key_links))
         finite = jnp.isfinite(f)
-        mean_fitness = jnp.sum(jnp.where(finite, f, 0.0)) / jnp.sum(finite)
+        num_nonfinite = jnp.sum(~finite).astype(jnp.int32)
+        num_improved = jnp.sum(improved).astype(jnp.int32)
+        if sharded:
+            if inert is not None:
+                num_nonfinite = jnp.sum(~finite & ~inert).astype(jnp.int32)
+            num_nonfinite = jax.lax.psum(num_nonfinite, axis)
+            num_improved = jax.lax.psum(num_improved, axis)
+        # From the whole [P] vector, so the sum is the unsharded one bit for bit.
+        f_all = gather_all(f)
+        finite_all = jnp.isfinite(f_all)
+        mean_fitness = jnp.sum(jnp.where(finite_all, f_all, 0.0)) / jnp.sum(finite_all)
         new_state = state.replace(
             positions=positions,
             velocities=velocities,
@@ -956,8 +1231,8 @@ def _build(config, fitness_fn, mask, init_fn, bounds, table, default_hparams):
             fitness=f,
             best_fitness=best_fitness,
             mean_fitness=mean_fitness,
-            num_nonfinite=jnp.sum(~finite).astype(jnp.int32),
-            num_improved=jnp.sum(improved).astype(jnp.int32),
+            num_nonfinite=num_nonfinite,
+            num_improved=num_improved,
             stall_count=stall_count,
             restarted=restarted,
         )
@@ -977,11 +1252,15 @@ def _build(config, fitness_fn, mask, init_fn, bounds, table, default_hparams):
         out = jax.vmap(one, in_axes=(0, None, None))(
             state.positions, state.frozen_params, batch
         )
-        if jnp.shape(out) != (P,):
+        if jnp.shape(out) != (Pl,):
             raise ValueError(
                 "fitness_fn must return a scalar for one particle; it returned shape "
                 f"{jnp.shape(out)[1:]} per particle"
             )
+        if config.data_axis is not None:
+            # Each device saw one slice of the batch: the mean of the slices'
+            # fitness is the whole batch's for a fitness that is a batch mean.
+            out = jax.lax.pmean(out, config.data_axis)
         return out
 
     def step(key: PRNGKey, state: PSOState, batch: Any = None, hparams=None):
@@ -1023,5 +1302,16 @@ def _flat_aligned(tree, template):
 
 
 def best_params(state: PSOState) -> PyTree:
-    """The full best parameters (swarmed best merged with the frozen leaves)."""
+    """The full best parameters (swarmed best merged with the frozen leaves).
+
+    >>> import jax, jax.numpy as jnp
+    >>> params = {"body": jnp.ones(3), "head": jnp.zeros(2)}
+    >>> opt = pso(lambda p, _: jnp.sum((p["head"] - 1.0) ** 2), num_particles=8,
+    ...           mask={"body": False, "head": True})
+    >>> state = opt.init(jax.random.key(0), params)
+    >>> state, _ = opt.step(jax.random.key(1), state)
+    >>> best = best_params(state)  # the swarmed head and the frozen body, together
+    >>> best["head"].shape, best["body"].tolist()
+    ((2,), [1.0, 1.0, 1.0])
+    """
     return combine(state.best_params, state.frozen_params)

@@ -54,7 +54,13 @@ def combine(swarmed: PyTree, frozen: PyTree) -> PyTree:
 
 
 def tree_where(cond: jax.Array, x: PyTree, y: PyTree) -> PyTree:
-    """Select per particle: ``cond`` is ``[P]`` bool, leaves of x/y are ``[P, ...]``."""
+    """Select per particle: ``cond`` is ``[P]`` bool, leaves of x/y are ``[P, ...]``.
+
+    >>> import jax.numpy as jnp
+    >>> x, y = {"w": jnp.ones((3, 2))}, {"w": jnp.zeros((3, 2))}
+    >>> tree_where(jnp.array([True, False, True]), x, y)["w"][:, 0].tolist()
+    [1.0, 0.0, 1.0]
+    """
 
     def sel(a, b):
         c = cond.reshape(cond.shape + (1,) * (a.ndim - cond.ndim))
@@ -64,24 +70,47 @@ def tree_where(cond: jax.Array, x: PyTree, y: PyTree) -> PyTree:
 
 
 def tree_take(tree: PyTree, index: jax.Array) -> PyTree:
-    """Index the particle axis of every leaf: ``leaf[index]``."""
+    """Index the particle axis of every leaf: ``leaf[index]``.
+
+    >>> import jax.numpy as jnp
+    >>> swarm = {"w": jnp.arange(6.0).reshape(3, 2)}  # 3 particles
+    >>> tree_take(swarm, 2)["w"].tolist()
+    [4.0, 5.0]
+    >>> tree_take(swarm, jnp.array([0, 0]))["w"].shape
+    (2, 2)
+    """
     return jax.tree.map(lambda a: a[index], tree)
 
 
 def tree_stack(trees: list[PyTree]) -> PyTree:
-    """Stack a list of identical pytrees along a new leading particle axis."""
+    """Stack a list of identical pytrees along a new leading particle axis.
+
+    >>> import jax.numpy as jnp
+    >>> tree_stack([{"w": jnp.zeros(2)}, {"w": jnp.ones(2)}])["w"].shape
+    (2, 2)
+    """
     return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
 def tree_unstack(tree: PyTree) -> list[PyTree]:
-    """Inverse of :func:`tree_stack`."""
+    """Inverse of :func:`tree_stack`.
+
+    >>> import jax.numpy as jnp
+    >>> [p["w"].tolist() for p in tree_unstack({"w": jnp.arange(4.0).reshape(2, 2)})]
+    [[0.0, 1.0], [2.0, 3.0]]
+    """
     leaves, treedef = jax.tree.flatten(tree)
     n = leaves[0].shape[0]
     return [treedef.unflatten([leaf[i] for leaf in leaves]) for i in range(n)]
 
 
 def tree_size(tree: PyTree) -> int:
-    """Total number of array elements in a pytree (static)."""
+    """Total number of array elements in a pytree (static).
+
+    >>> import jax.numpy as jnp
+    >>> tree_size({"kernel": jnp.zeros((3, 2)), "bias": jnp.zeros(2), "none": None})
+    8
+    """
     return sum(int(jnp.size(x)) for x in jax.tree.leaves(tree))
 
 
@@ -91,6 +120,12 @@ def resolve_mask(mask: PyTree | Callable[[PyTree], PyTree] | None, tree: PyTree)
     Raises:
       ValueError: if the mask's structure does not match ``tree`` or a leaf is not
         a Python bool.
+
+    >>> params = {"body": 1.0, "head": 2.0}
+    >>> resolve_mask(None, params)
+    {'body': True, 'head': True}
+    >>> resolve_mask(lambda p: {"body": False, "head": True}, params)
+    {'body': False, 'head': True}
     """
     if mask is None:
         return jax.tree.map(lambda _: True, tree)
@@ -158,10 +193,11 @@ def check_tree_matches(stored: PyTree, template: PyTree, what: str) -> None:
     Raises:
       ValueError: on missing or extra leaves, or a shape or dtype mismatch.
 
-    >>> check_tree_matches({"a": np.zeros(2)}, {"a": np.zeros(3)}, "x")
+    >>> a, b = {"a": np.zeros(2)}, {"a": np.zeros(3)}
+    >>> check_tree_matches(a, b, "x")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    ValueError: x does not match the template at 'a': it has float64[2], the template float64[3]
+    ValueError: x does not match the template at 'a': it has float64[2], ...
     """
     got = {_path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(stored)}
     want = {_path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(template)}

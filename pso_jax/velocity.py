@@ -37,7 +37,14 @@ def constriction_factor(c1, c2):
 
 
 def effective_coefficients(variant: str, inertia, cognitive, social):
-    """The ``(w, c1, c2)`` that the inertia-form update uses for a variant."""
+    """The ``(w, c1, c2)`` that the inertia-form update uses for a variant.
+
+    >>> w, c1, c2 = effective_coefficients("constriction", 1.0, 2.05, 2.05)
+    >>> round(float(w), 4), round(float(c1), 4)  # chi and chi * 2.05
+    (0.7298, 1.4962)
+    >>> effective_coefficients("inertia", 0.7, 1.5, 1.5)
+    (0.7, 1.5, 1.5)
+    """
     if variant == "constriction":
         chi = constriction_factor(cognitive, social)
         return chi, chi * cognitive, chi * social
@@ -58,7 +65,15 @@ def in_stability_region(w: float, c1: float, c2: float) -> bool:
 
 
 def warn_if_unstable(variant: str, w: float, c1: float, c2: float) -> None:
-    """Warn (:class:`PSOConvergenceWarning`) outside the stability region."""
+    """Warn (:class:`PSOConvergenceWarning`) outside the stability region.
+
+    >>> import warnings
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     warn_if_unstable("inertia", 1.0, 2.0, 2.0)  # the original PSO of 1995
+    >>> caught[0].category.__name__
+    'PSOConvergenceWarning'
+    """
     if variant not in ("inertia", "constriction", "spso2011"):
         return
     we, c1e, c2e = (float(v) for v in effective_coefficients(variant, w, c1, c2))
@@ -73,5 +88,10 @@ def warn_if_unstable(variant: str, w: float, c1: float, c2: float) -> None:
 
 
 def clamp(v, vmax):
-    """Clamp velocity componentwise to ``[-vmax, vmax]`` (``vmax`` may be inf)."""
+    """Clamp velocity componentwise to ``[-vmax, vmax]`` (``vmax`` may be inf).
+
+    >>> import jax.numpy as jnp
+    >>> clamp(jnp.array([-3.0, 0.5, 3.0]), 1.0).tolist()
+    [-1.0, 0.5, 1.0]
+    """
     return jnp.clip(v, -vmax, vmax)

@@ -50,22 +50,49 @@ __all__ = [
 
 
 def map_label(label: jax.Array, table: Sequence[int]) -> jax.Array:
-    """``table[label]`` for a traced int label (any shape); keeps int32."""
+    """``table[label]`` for a traced int label (any shape); keeps int32.
+
+    >>> import jax.numpy as jnp
+    >>> from pso_jax.data.moving_shapes import REVERSED
+    >>> map_label(jnp.array([0, 2, 9]), REVERSED)  # left, up, fade_out reversed
+    Array([1, 3, 8], dtype=int32)
+    """
     return jnp.asarray(table, jnp.int32)[label]
 
 
 def hflip(video: jax.Array, label: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Mirror left-right (``x -> W - 1 - x``); the label goes through ``HFLIP``."""
+    """Mirror left-right (``x -> W - 1 - x``); the label goes through ``HFLIP``.
+
+    >>> import jax.numpy as jnp
+    >>> video = jnp.zeros((8, 4, 4, 3)).at[:, :, 0].set(1.0)  # left column lit
+    >>> flipped, label = hflip(video, jnp.int32(4))  # 4: rotate_cw
+    >>> float(flipped[0, 0, -1, 0]), int(label)  # right column lit; 5: rotate_ccw
+    (1.0, 5)
+    """
     return jnp.flip(video, axis=-2), map_label(label, HFLIP)
 
 
 def vflip(video: jax.Array, label: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Mirror up-down (``y -> H - 1 - y``); the label goes through ``VFLIP``."""
+    """Mirror up-down (``y -> H - 1 - y``); the label goes through ``VFLIP``.
+
+    >>> import jax.numpy as jnp
+    >>> video = jnp.zeros((8, 4, 4, 3)).at[:, 0].set(1.0)  # top row lit
+    >>> flipped, label = vflip(video, jnp.int32(2))  # 2: up
+    >>> float(flipped[0, -1, 0, 0]), int(label)  # bottom row lit; 3: down
+    (1.0, 3)
+    """
     return jnp.flip(video, axis=-3), map_label(label, VFLIP)
 
 
 def time_reverse(video: jax.Array, label: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Play the clip backwards (axis ``-4``); the label goes through ``REVERSED``."""
+    """Play the clip backwards (axis ``-4``); the label goes through ``REVERSED``.
+
+    >>> import jax.numpy as jnp
+    >>> video = jnp.arange(4.0).reshape(4, 1, 1, 1)  # frame t has the value t
+    >>> backwards, label = time_reverse(video, jnp.int32(6))  # 6: grow
+    >>> backwards[:, 0, 0, 0].tolist(), int(label)  # 7: shrink
+    ([3.0, 2.0, 1.0, 0.0], 7)
+    """
     return jnp.flip(video, axis=-4), map_label(label, REVERSED)
 
 
@@ -79,17 +106,39 @@ def _random_apply(key, fn, video, label, prob):
 
 
 def random_hflip(key, video, label, prob: float = 0.5):
-    """:func:`hflip` with probability ``prob``; returns ``(video, label)``."""
+    """:func:`hflip` with probability ``prob``; returns ``(video, label)``.
+
+    >>> import jax, jax.numpy as jnp
+    >>> video, label = jnp.zeros((8, 16, 16, 3)), jnp.int32(0)  # 0: left
+    >>> _, always = random_hflip(jax.random.key(0), video, label, prob=1.0)
+    >>> _, never = random_hflip(jax.random.key(0), video, label, prob=0.0)
+    >>> int(always), int(never)
+    (1, 0)
+    """
     return _random_apply(key, hflip, video, label, prob)
 
 
 def random_vflip(key, video, label, prob: float = 0.5):
-    """:func:`vflip` with probability ``prob``; returns ``(video, label)``."""
+    """:func:`vflip` with probability ``prob``; returns ``(video, label)``.
+
+    >>> import jax, jax.numpy as jnp
+    >>> video, label = jnp.zeros((8, 16, 16, 3)), jnp.int32(2)  # 2: up
+    >>> _, flipped = random_vflip(jax.random.key(0), video, label, prob=1.0)
+    >>> int(flipped)  # 3: down
+    3
+    """
     return _random_apply(key, vflip, video, label, prob)
 
 
 def random_time_reverse(key, video, label, prob: float = 0.5):
-    """:func:`time_reverse` with probability ``prob``; returns ``(video, label)``."""
+    """:func:`time_reverse` with probability ``prob``; returns ``(video, label)``.
+
+    >>> import jax, jax.numpy as jnp
+    >>> video, label = jnp.zeros((8, 16, 16, 3)), jnp.int32(8)  # 8: fade_in
+    >>> _, new = random_time_reverse(jax.random.key(0), video, label, prob=1.0)
+    >>> int(new)  # 9: fade_out
+    9
+    """
     return _random_apply(key, time_reverse, video, label, prob)
 
 
@@ -106,6 +155,12 @@ def resized_crop(
 
     Returns:
         ``[T, H, W, C]``, same dtype.
+
+    >>> import jax.numpy as jnp
+    >>> video = jnp.ones((2, 8, 8, 3))
+    >>> zoomed = resized_crop(video, top=2, left=2, height=4, width=4)  # centre, 2x
+    >>> zoomed.shape, bool(jnp.allclose(zoomed, 1.0))
+    ((2, 8, 8, 3), True)
     """
     H, W = video.shape[-3:-1]
     scale = jnp.stack([H / height, W / width]).astype(jnp.float32)
@@ -134,6 +189,10 @@ def random_resized_crop(
 
     Returns:
         ``[T, H, W, C]``.
+
+    >>> import jax, jax.numpy as jnp
+    >>> random_resized_crop(jax.random.key(0), jnp.ones((2, 8, 8, 3))).shape
+    (2, 8, 8, 3)
     """
     H, W = video.shape[-3:-1]
     key_area, key_aspect, key_y, key_x = jax.random.split(key, 4)
@@ -154,6 +213,12 @@ def brightness_contrast(video: jax.Array, brightness, contrast) -> jax.Array:
 
     ``m`` is the mean of the whole clip, so every frame gets the same affine map
     and brightness changes over time (fades) keep their direction.
+
+    >>> import jax.numpy as jnp
+    >>> video = jnp.array([0.2, 0.4, 0.6]).reshape(3, 1, 1, 1)  # mean 0.4
+    >>> out = brightness_contrast(video, brightness=0.1, contrast=2.0)
+    >>> [round(v, 4) for v in out[:, 0, 0, 0].tolist()]
+    [0.1, 0.5, 0.9]
     """
     mean = jnp.mean(video)
     return jnp.clip((video - mean) * contrast + mean + brightness, 0.0, 1.0)
@@ -167,7 +232,13 @@ def random_brightness_contrast(
     contrast: tuple[float, float] = (0.75, 1.25),
 ) -> jax.Array:
     """:func:`brightness_contrast` with a shift uniform in ``[-brightness,
-    brightness]`` and a contrast factor uniform in ``contrast``."""
+    brightness]`` and a contrast factor uniform in ``contrast``.
+
+    >>> import jax, jax.numpy as jnp
+    >>> out = random_brightness_contrast(jax.random.key(0), jnp.full((2, 4, 4, 3), 0.5))
+    >>> out.shape, bool((out >= 0).all() & (out <= 1).all())
+    ((2, 4, 4, 3), True)
+    """
     key_b, key_c = jax.random.split(key)
     shift = jax.random.uniform(key_b, (), minval=-brightness, maxval=brightness)
     factor = jax.random.uniform(key_c, (), minval=contrast[0], maxval=contrast[1])
@@ -184,6 +255,12 @@ def temporal_crop(key: jax.Array, video: jax.Array, num_frames: int) -> jax.Arra
 
     Returns:
         ``[num_frames, H, W, C]``.
+
+    >>> import jax, jax.numpy as jnp
+    >>> video = jnp.arange(8.0).reshape(8, 1, 1, 1)  # frame t has the value t
+    >>> clip = temporal_crop(jax.random.key(0), video, 4)
+    >>> clip.shape, bool((jnp.diff(clip[:, 0, 0, 0]) == 1).all())  # consecutive
+    ((4, 1, 1, 1), True)
     """
     T = video.shape[0]
     if num_frames > T:
@@ -205,6 +282,12 @@ def random_frame_drop(key: jax.Array, video: jax.Array, num_frames: int) -> jax.
 
     Returns:
         ``[num_frames, H, W, C]``.
+
+    >>> import jax, jax.numpy as jnp
+    >>> video = jnp.arange(8.0).reshape(8, 1, 1, 1)  # frame t has the value t
+    >>> kept = random_frame_drop(jax.random.key(0), video, 5)[:, 0, 0, 0]
+    >>> kept.shape, bool((jnp.diff(kept) > 0).all())  # in their original order
+    ((5,), True)
     """
     T = video.shape[0]
     if num_frames > T:
@@ -242,6 +325,12 @@ def augment(
 
     Returns:
         ``(video, label)``: ``[T', H, W, C]`` and int32.
+
+    >>> import jax, jax.numpy as jnp
+    >>> video, label = jnp.zeros((8, 16, 16, 3)), 0
+    >>> out, new_label = augment(jax.random.key(0), video, label, num_frames=4)
+    >>> out.shape, new_label.dtype
+    ((4, 16, 16, 3), dtype('int32'))
     """
     keys = jax.random.split(key, 6)
     label = jnp.asarray(label, jnp.int32)

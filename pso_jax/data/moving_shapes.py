@@ -170,6 +170,12 @@ def get_config(config: str | MovingShapesConfig) -> MovingShapesConfig:
 
     Raises:
         ValueError: for an unknown name.
+
+    >>> cfg = get_config("small")
+    >>> cfg.shape, cfg.num_train
+    ((8, 32, 32, 3), 2000)
+    >>> get_config(cfg) is cfg
+    True
     """
     if isinstance(config, MovingShapesConfig):
         return config
@@ -187,6 +193,12 @@ def split_seed(config: str | MovingShapesConfig, split: str) -> tuple[int, int]:
 
     ``generate_clips(split_seed(cfg, "train"), cfg.num_train, cfg)`` reproduces the
     prepared ``train`` split, clip for clip and byte for byte.
+
+    >>> split_seed("small", "validation")
+    (0, 2)
+    >>> videos, labels = generate_clips(split_seed("small", "validation"), 2, "small")
+    >>> videos.shape  # the first two clips of the prepared validation split
+    (2, 8, 32, 32, 3)
     """
     return (get_config(config).seed, SPLITS.index(split) + 1)
 
@@ -213,6 +225,13 @@ def generate_clips(
     Returns:
         ``(videos, labels)``: uint8 ``[num, T, H, W, 3]`` and int64 ``[num]`` in
         ``[0, 10)``.
+
+    >>> videos, labels = generate_clips(0, 3, "small")
+    >>> videos.shape, videos.dtype, labels.tolist()
+    ((3, 8, 32, 32, 3), dtype('uint8'), [5, 7, 4])
+    >>> later, _ = generate_clips(0, 1, "small", start=2)  # clip 2 of the stream
+    >>> bool((later[0] == videos[2]).all())
+    True
     """
     cfg = get_config(config)
     seed = (seed,) if isinstance(seed, (int, np.integer)) else tuple(seed)

@@ -75,6 +75,17 @@ def load_moving_shapes(
     Returns:
         A random-access source (``len``, ``[i]``) of dicts ``{"video": uint8
         [T, H, W, 3], "label": int}``.
+
+    >>> import contextlib, dataclasses, io, tempfile
+    >>> tiny = dataclasses.replace(
+    ...     moving_shapes.CONFIGS["small"], name="tiny", num_train=4, num_validation=2,
+    ...     num_test=2,
+    ... )
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     with contextlib.redirect_stdout(io.StringIO()):  # TFDS's progress
+    ...         source = load_moving_shapes(tiny, split="validation", data_dir=tmp)
+    ...     print(len(source), source[0]["video"].shape)
+    2 (8, 32, 32, 3)
     """
     builder = moving_shapes.MovingShapes(
         config=moving_shapes.get_config(config), data_dir=data_dir
@@ -110,7 +121,14 @@ class _Example(grain.transforms.RandomMap):
 
 
 def to_float(batch: Mapping[str, Any]) -> dict[str, Any]:
-    """Convert ``batch["video"]`` from uint8 to float32 in [0, 1]; keep the rest."""
+    """Convert ``batch["video"]`` from uint8 to float32 in [0, 1]; keep the rest.
+
+    >>> import numpy as np
+    >>> batch = {"video": np.full((1, 2, 2, 2, 3), 255, np.uint8), "label": np.zeros(1)}
+    >>> out = to_float(batch)
+    >>> out["video"].dtype, float(out["video"].max()), out["label"] is batch["label"]
+    (dtype('float32'), 1.0, True)
+    """
     video = np.asarray(batch["video"], np.float32)
     video *= np.float32(1 / 255)
     return {**batch, "video": video}
@@ -156,6 +174,12 @@ def make_dataset(
     Returns:
         A ``grain.MapDataset`` of dicts ``{"video": [B, T, H, W, C] float32 (or
         uint8), "label": [B] int32}``.
+
+    >>> videos, labels = moving_shapes.generate_clips(0, 10, "small")
+    >>> source = [{"video": v, "label": y} for v, y in zip(videos, labels)]
+    >>> ds = make_dataset(source, batch_size=4, seed=0, num_frames=6)
+    >>> [b["video"].shape for b in ds]  # 10 clips: two full batches, remainder dropped
+    [(4, 6, 32, 32, 3), (4, 6, 32, 32, 3)]
     """
     ds = grain.MapDataset.source(source)
     if shuffle:
@@ -181,6 +205,13 @@ def make_loader(source, *, worker_count: int = 0, **kwargs) -> Iterable[dict]:
 
     Returns:
         A ``grain.IterDataset`` (iterable; its iterators can be checkpointed).
+
+    >>> videos, labels = moving_shapes.generate_clips(0, 8, "small")
+    >>> source = [{"video": v, "label": y} for v, y in zip(videos, labels)]
+    >>> loader = make_loader(source, batch_size=4, seed=0, num_epochs=None)
+    >>> it = iter(loader)
+    >>> [next(it)["label"].shape for _ in range(3)]  # repeats forever
+    [(4,), (4,), (4,)]
     """
     ds = make_dataset(source, **kwargs).to_iter_dataset()
     if worker_count > 0:
@@ -211,7 +242,11 @@ class Clips(NamedTuple):
 def granularities(
     lengths: Sequence[int], strides: Sequence[int]
 ) -> tuple[tuple[int, int], ...]:
-    """All ``(length, stride)`` pairs, in the order :func:`sample_clips` returns."""
+    """All ``(length, stride)`` pairs, in the order :func:`sample_clips` returns.
+
+    >>> granularities((4, 8), (1, 2))
+    ((4, 1), (4, 2), (8, 1), (8, 2))
+    """
     return tuple((length, stride) for length in lengths for stride in strides)
 
 
@@ -288,6 +323,11 @@ def split_clips(
     Returns:
         :class:`Clips` with ``video`` ``[N, L, H, W, C]``, where
         ``N = (T - span) // hop + 1``.
+
+    >>> import jax.numpy as jnp
+    >>> clips = split_clips(jnp.zeros((16, 2, 2, 3)), length=4, stride=2)  # span 7
+    >>> clips.video.shape, clips.frame_index.tolist()
+    ((2, 4, 2, 2, 3), [[0, 2, 4, 6], [7, 9, 11, 13]])
     """
     num_frames = video.shape[0]
     span = _check_span(num_frames, length, stride)
@@ -312,6 +352,10 @@ def resize_video(
 
     Returns:
         ``[..., height, width, C]``, same dtype.
+
+    >>> import jax.numpy as jnp
+    >>> resize_video(jnp.zeros((2, 8, 32, 32, 3)), (16, 24)).shape
+    (2, 8, 16, 24, 3)
     """
     shape = (*video.shape[:-3], *size, video.shape[-1])
     return jax.image.resize(video, shape, method=method).astype(video.dtype)
@@ -331,6 +375,13 @@ def resize_video_np(
     """Host (NumPy) twin of :func:`resize_video`, for the input pipeline.
 
     Two small matrix products, equal to :func:`resize_video` up to float rounding.
+
+    >>> import jax.numpy as jnp, numpy as np
+    >>> video = np.random.default_rng(0).random((8, 32, 32, 3), np.float32)
+    >>> host = resize_video_np(video, (16, 16))
+    >>> device = np.asarray(resize_video(jnp.asarray(video), (16, 16)))
+    >>> host.shape, bool(np.allclose(host, device, atol=1e-5))
+    ((8, 16, 16, 3), True)
     """
     height, width = video.shape[-3:-1]
     if (height, width) == tuple(size):
@@ -349,6 +400,9 @@ def choose_scale(
 
     A host-side choice (a NumPy generator seeded with ``(seed, step)``), because
     the scale fixes array shapes and so must be static under ``jit``.
+
+    >>> choose_scale(0, 5) in DEFAULT_SCALES, choose_scale(0, 5) == choose_scale(0, 5)
+    (True, True)
     """
     rng = np.random.default_rng([seed, step])
     return tuple(scales[rng.integers(len(scales))])
@@ -374,6 +428,12 @@ def multiscale_batches(
 
     Yields:
         The batches, ``video`` resized to ``[B, T, h, w, C]``.
+
+    >>> import numpy as np
+    >>> batches = [{"video": np.zeros((2, 4, 32, 32, 3), np.float32)}] * 6
+    >>> shapes = {b["video"].shape[2:4] for b in multiscale_batches(batches, seed=0)}
+    >>> shapes <= set(DEFAULT_SCALES)
+    True
     """
     for step, batch in enumerate(batches):
         size = choose_scale(seed, step, scales)

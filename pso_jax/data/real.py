@@ -69,7 +69,11 @@ class DatasetNotPreparedError(FileNotFoundError):
 
 
 def has_tensorflow() -> bool:
-    """Whether TensorFlow is importable (checked without importing it)."""
+    """Whether TensorFlow is importable (checked without importing it).
+
+    >>> isinstance(has_tensorflow(), bool)
+    True
+    """
     return importlib.util.find_spec("tensorflow") is not None
 
 
@@ -81,6 +85,11 @@ def video_keys(name: str) -> VideoKeys:
 
     Raises:
         KeyError: for a dataset not in :data:`KNOWN_DATASETS`.
+
+    >>> video_keys("ucf101/ucf101_1_256:2.0.0")
+    VideoKeys(video='video', label='label')
+    >>> video_keys("moving_mnist").label is None  # unlabelled
+    True
     """
     return KNOWN_DATASETS[name.split("/")[0].split(":")[0]]
 
@@ -147,6 +156,22 @@ def load_real(
             installed.
         DatasetNotPreparedError: the dataset is not prepared and its source files
             are neither in ``manual_dir`` nor allowed to be downloaded.
+
+    A prepared folder loads without TensorFlow; here one of ``moving_shapes``:
+
+    >>> import contextlib, dataclasses, io, tempfile
+    >>> from pso_jax.data import moving_shapes
+    >>> tiny = dataclasses.replace(
+    ...     moving_shapes.CONFIGS["small"], name="tiny", num_train=2, num_validation=2,
+    ...     num_test=2,
+    ... )
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     builder = moving_shapes.MovingShapes(config=tiny, data_dir=tmp)
+    ...     with contextlib.redirect_stdout(io.StringIO()):  # TFDS's progress
+    ...         builder.download_and_prepare()
+    ...     source = load_real(builder.data_dir, split="test")
+    ...     print(len(source), sorted(source[0]))
+    2 ['label', 'video']
     """
     path = epath.Path(name_or_dir).expanduser()
     if _is_prepared_dir(path):

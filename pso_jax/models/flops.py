@@ -24,7 +24,12 @@ from jax.extend import core as jex_core
 
 
 def param_count(params: Any) -> int:
-    """Number of scalars in a params pytree (one particle)."""
+    """Number of scalars in a params pytree (one particle).
+
+    >>> import jax.numpy as jnp
+    >>> param_count({"kernel": jnp.zeros((32, 10)), "bias": jnp.zeros(10)})
+    330
+    """
     return sum(math.prod(x.shape) for x in jax.tree.leaves(params))
 
 
@@ -47,7 +52,12 @@ def _jaxpr_flops(jaxpr: Any) -> int:
 
 
 def count_flops(fn: Any, *args: Any) -> int:
-    """Analytic FLOPs of ``fn(*args)`` (dots and convolutions only, see module)."""
+    """Analytic FLOPs of ``fn(*args)`` (dots and convolutions only, see module).
+
+    >>> import jax.numpy as jnp
+    >>> count_flops(lambda a, b: a @ b, jnp.zeros((4, 8)), jnp.zeros((8, 2)))  # 2*4*2*8
+    128
+    """
     closed = jax.make_jaxpr(fn)(*args)
     return _jaxpr_flops(closed.jaxpr)
 

@@ -267,6 +267,11 @@ def max_pool(x: jax.Array, window: Sequence[int]) -> jax.Array:
 
     A reshape and a max (one fused reduction) when the window divides the clip,
     else ``flax.linen.max_pool`` with 'VALID' padding.
+
+    >>> import jax.numpy as jnp
+    >>> x = jnp.arange(16.0).reshape(1, 2, 2, 4, 1)  # [B, T, H, W, C]
+    >>> max_pool(x, (2, 2, 2))[0, ..., 0].tolist()
+    [[[13.0, 15.0]]]
     """
     b, t, h, w, c = x.shape
     pt, ph, pw = window
@@ -399,6 +404,19 @@ def call_per_particle(parent: nn.Module, child: nn.Module, x: jax.Array) -> Any:
 
     Returns:
       ``child(x)``.
+
+    >>> import flax.linen as nn, jax, jax.numpy as jnp
+    >>> class Model(nn.Module):
+    ...     @nn.compact
+    ...     def __call__(self, x):
+    ...         return call_per_particle(self, nn.Dense(4, name="body"), x)
+    >>> model, x = Model(), jnp.ones((3, 2))
+    >>> keys = jax.random.split(jax.random.key(0), 5)
+    >>> swarm = jax.vmap(lambda k: model.init(k, x)["params"])(keys)  # 5 particles
+    >>> out = jax.vmap(lambda p: model.apply({"params": p}, x))(swarm)
+    >>> want = jax.vmap(lambda p: nn.Dense(4).apply({"params": p["body"]}, x))(swarm)
+    >>> out.shape, bool(jnp.allclose(out, want, atol=1e-6))
+    ((5, 3, 4), True)
     """
     if parent.is_initializing():
         return child(x)
