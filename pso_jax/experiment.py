@@ -570,13 +570,13 @@ def train(
             )
             t0 = time.perf_counter()
             state, metrics = run.chunk(state, stacked)
-            records = _metric_records(metrics, step, 0.0)  # host sync
+            jax.block_until_ready(metrics)
             if compile_seconds is None:
                 compile_seconds = time.perf_counter() - t0
                 t_loop, loop_start = time.perf_counter(), step + n
             wall = wall_before + time.perf_counter() - t_start
+            records = _metric_records(metrics, step, wall)
             for r in records:
-                r["wall_seconds"] = wall
                 log.write(json.dumps(r) + "\n")
             step += n
             if cfg.eval_every and (step % cfg.eval_every < n or step == cfg.steps):
