@@ -51,15 +51,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
-import hashlib
 import importlib.metadata
 import json
 import math
 import os
-import platform
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -70,6 +66,7 @@ from typing import NamedTuple
 # badly on this shared 2-core machine (see swarm_step.py).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import _provenance  # benchmarks/_provenance.py (this folder is on sys.path)
 import evosax.algorithms
 import jax
 import jax.numpy as jnp
@@ -791,45 +788,13 @@ def merge_results(base, cells):
 # --- main --------------------------------------------------------------------------
 
 
-def source_fingerprint():
-    """git HEAD, and a hash of pso_jax's sources (they may differ from HEAD)."""
-    root = Path(pso_jax.__file__).parent
-    digest = hashlib.sha256()
-    for f in sorted(root.rglob("*.py")):
-        digest.update(f.relative_to(root).as_posix().encode() + f.read_bytes())
-    head = None
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        head = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    return dict(git_head=head, sources_sha256=digest.hexdigest()[:16])
-
-
 def machine_info():
-    cpu = "unknown"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return dict(
-        cpu_model=cpu,
-        cpu_count=os.cpu_count(),
-        platform=platform.platform(),
-        python=platform.python_version(),
-        jax=jax.__version__,
-        jax_backend=jax.default_backend(),
+    return _provenance.machine_info(
         evosax=importlib.metadata.version("evosax"),
         pyswarms=pyswarms.__version__,
         evox=None if evox is None else importlib.metadata.version("evox"),
         torch=None if torch is None else torch.__version__,
         numpy=np.__version__,
-        pso_jax_source=source_fingerprint(),
-        date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        loadavg_start=os.getloadavg(),
     )
 
 

@@ -37,16 +37,10 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime
-import hashlib
 import json
 import os
-import platform
 import re
-import shlex
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -232,37 +226,17 @@ def video_rows(args, counts) -> tuple[list[dict], dict]:
 
 
 def _provenance(args, argv) -> dict:
+    import _provenance as provenance
     import jax
     import numpy as np
 
-    import pso_jax
-
-    root = Path(pso_jax.__file__).parent
-    digest = hashlib.sha256()
-    for f in sorted(root.rglob("*.py")):
-        digest.update(f.relative_to(root).as_posix().encode() + f.read_bytes())
-    head = None
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        head = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    return dict(
-        command="PYTHONPATH=. .venv/bin/python benchmarks/sharding.py "
-        + " ".join(shlex.quote(a) for a in argv),
-        date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        platform=platform.platform(),
-        cpu_count=os.cpu_count(),
-        jax=jax.__version__,
+    return provenance.machine_info(
+        command=provenance.command_line("sharding.py", argv),
         numpy=np.__version__,
         backend=jax.default_backend(),
         devices=f"{jax.device_count()} x {jax.devices()[0].device_kind}",
         fake_cpu_devices=not args.real,
         processes=jax.process_count(),
-        pso_jax_source=dict(git_head=head, sources_sha256=digest.hexdigest()[:16]),
-        loadavg_start=os.getloadavg(),
     )
 
 

@@ -35,7 +35,14 @@ import jax
 from pso_jax.tree_utils import abstract_tree, check_tree_matches
 from pso_jax.types import PyTree
 
-__all__ = ["CheckpointError", "all_steps", "latest_step", "restore", "save"]
+__all__ = [
+    "CheckpointError",
+    "all_steps",
+    "latest_step",
+    "read_meta",
+    "restore",
+    "save",
+]
 
 
 class CheckpointError(RuntimeError):
@@ -118,6 +125,40 @@ def latest_step(directory: str | os.PathLike) -> int | None:
     """The newest complete checkpoint step in ``directory``, or ``None``."""
     steps = all_steps(directory)
     return steps[-1] if steps else None
+
+
+def read_meta(
+    directory: str | os.PathLike, *, step: int | None = None
+) -> dict[str, Any]:
+    """The JSON ``meta`` record of checkpoint ``step`` (default: the newest).
+
+    Cheap (the state is not read): e.g. to check a checkpoint's layout before
+    building the template it is restored into.
+
+    Raises:
+      CheckpointError: if there is no such checkpoint or it is unreadable.
+    """
+    import orbax.checkpoint as ocp
+
+    steps = all_steps(directory)
+    if not steps:
+        raise CheckpointError(f"no checkpoint in {directory}")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+        raise CheckpointError(
+            f"no checkpoint step {step} in {directory}; available: {steps}"
+        )
+    with _manager(directory, max_to_keep=None, create=False) as mngr:
+        try:
+            restored = mngr.restore(
+                step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+            )
+        except Exception as e:  # orbax raises many types for a damaged step
+            raise CheckpointError(
+                f"checkpoint {os.path.join(os.fspath(directory), str(step))} meta "
+                f"is unreadable ({type(e).__name__}: {e})"
+            ) from e
+    return dict(restored["meta"] or {})
 
 
 def restore(

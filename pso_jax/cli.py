@@ -10,6 +10,14 @@ Subcommands:
 - ``pso-jax evaluate``: re-evaluate a saved swarm (``--workdir`` of a run).
 - ``pso-jax demo``: the built-in demo, ``train --config demo``; ``pso-jax demo
   --rastrigin`` compares every variant on shifted and rotated Rastrigin (D=10).
+
+``train`` and ``evaluate`` run on several devices with ``--devices N`` (the swarm
+sharded over them, :mod:`pso_jax.sharding`) and on several hosts with
+``--coordinator``/``--num-processes``/``--process-id`` (or the
+``JAX_COORDINATOR_ADDRESS``/``JAX_NUM_PROCESSES``/``JAX_PROCESS_ID`` environment
+variables, or ``--distributed-auto`` on a TPU pod slice or under SLURM/Open MPI):
+start the same command on every host; ``jax.distributed.initialize`` runs before
+anything else touches JAX's backend.
 """
 
 from __future__ import annotations
@@ -30,6 +38,123 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+def _patch(text: str) -> tuple[int, int, int]:
+    """``--patch``: three ints >= 1, ``T,H,W``."""
+    try:
+        value = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        value = ()
+    if len(value) != 3 or min(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected T,H,W ints >= 1, got {text!r}")
+    return value
+
+
+def _devices(text: str) -> int:
+    """``--devices``: an int >= 1, or ``all`` (0)."""
+    if text.strip().lower() == "all":
+        return 0
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a device count or 'all', got {text!r}"
+        ) from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 1 (or all), got {value}")
+    return value
+
+
+def _add_parallel_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "devices and hosts",
+        "Shard the swarm over devices: each holds and trains particles/devices "
+        "particles; the run's numbers are the one-device run's up to float "
+        "rounding, and a run resumes on any device count. Several hosts: start "
+        "the same command on each, with the coordinator flags or the "
+        "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID "
+        "environment variables; the work directory must be shared (checkpoints "
+        "are written by every process, other files by process 0).",
+    )
+    g.add_argument(
+        "--devices",
+        type=_devices,
+        default=None,
+        metavar="N|all",
+        help="devices to shard the swarm over, over all processes (default: 1 in "
+        "one process, the unsharded path; every device in a multi-process run). "
+        "Simulated CPU devices: XLA_FLAGS=--xla_force_host_platform_device_count=N",
+    )
+    g.add_argument(
+        "--data",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="split each batch over N devices (a 'data' mesh axis; the particles "
+        "over devices/N): for fewer particles than devices (default: 1)",
+    )
+    g.add_argument(
+        "--pad",
+        action="store_true",
+        help="if the particle count does not divide over the devices, add inert "
+        "particles instead of failing (they never become bests; evaluation and "
+        "reports leave them out)",
+    )
+    g.add_argument(
+        "--coordinator",
+        metavar="HOST:PORT",
+        help="address of process 0, reachable from every process "
+        "($JAX_COORDINATOR_ADDRESS)",
+    )
+    g.add_argument(
+        "--num-processes",
+        type=_positive_int,
+        metavar="N",
+        help="number of processes ($JAX_NUM_PROCESSES)",
+    )
+    g.add_argument(
+        "--process-id",
+        type=int,
+        metavar="I",
+        help="this process's index in [0, N) ($JAX_PROCESS_ID)",
+    )
+    g.add_argument(
+        "--distributed-auto",
+        action="store_true",
+        help="let JAX detect the processes (Cloud TPU pod slice, SLURM, Open MPI, "
+        "Kubernetes)",
+    )
+
+
+def _start_processes(args, command: str):
+    """Join the multi-process run if configured; the run's ``Parallelism``.
+
+    Called before anything initialises JAX's backend (``jax.distributed``
+    requires it). Returns ``None`` after printing the error for a bad value.
+    """
+    from pso_jax import experiment, sharding
+
+    try:
+        sharding.initialize_distributed(
+            args.coordinator,
+            args.num_processes,
+            args.process_id,
+            auto=args.distributed_auto,
+        )
+        return experiment.Parallelism(
+            devices=args.devices, data=args.data, pad=args.pad
+        )
+    except ValueError as e:
+        message = str(e).replace("auto=True", "--distributed-auto")
+        print(f"pso-jax {command}: {message}", file=sys.stderr)
+        return None
+
+
+def _is_main_process() -> bool:
+    import jax
+
+    return jax.process_index() == 0
 
 
 def _add_swarm_args(p: argparse.ArgumentParser) -> None:
@@ -219,6 +344,12 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     m.add_argument("--model", choices=sorted(MODELS))
     m.add_argument("--width", type=_positive_int)
     m.add_argument("--stem", choices=STEMS)
+    m.add_argument(
+        "--patch",
+        type=_patch,
+        metavar="T,H,W",
+        help="tubelet size, e.g. 2,2,2 (default 2,4,4; finer sees finer motion)",
+    )
     m.add_argument("--pretrained", help="params saved with flax_utils.save_params")
     m.add_argument("--swarm-over", choices=("all", "head"))
     s = p.add_argument_group("swarm")
@@ -235,6 +366,12 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         help="particles around one init, or one fresh init each",
     )
     s.add_argument("--batch-size", type=_positive_int)
+    s.add_argument("--inertia", type=float, help="w (default: the variant's)")
+    s.add_argument("--cognitive", type=float, help="c1 (default: the variant's)")
+    s.add_argument("--social", type=float, help="c2 (default: the variant's)")
+    s.add_argument(
+        "--init-scale", type=float, help="std of the particles' spread at init"
+    )
     s.add_argument("--variant", choices=VARIANTS)
     s.add_argument("--topology", choices=TOPOLOGIES)
     s.add_argument("--fitness", choices=FITNESS_FNS)
@@ -249,6 +386,9 @@ def _train_cmd(args) -> int:
     from pso_jax import experiment
     from pso_jax.checkpoint import CheckpointError
 
+    parallel = _start_processes(args, "train")
+    if parallel is None:
+        return 2
     try:
         fields = [f.name for f in dataclasses.fields(experiment.TrainConfig)]
         cfg = experiment.get_config(
@@ -260,7 +400,11 @@ def _train_cmd(args) -> int:
     workdir = args.workdir or Path(f"{args.config}_out")
     try:
         summary = experiment.train(
-            cfg, workdir, resume=args.resume, progress=not args.no_progress
+            cfg,
+            workdir,
+            resume=args.resume,
+            progress=not args.no_progress,
+            parallel=parallel,
         )
     except (FileExistsError, CheckpointError, ValueError) as e:
         print(f"pso-jax train: {e}", file=sys.stderr)
@@ -272,6 +416,8 @@ def _train_cmd(args) -> int:
             file=sys.stderr,
         )
         return 128 + summary["signal"]
+    if not _is_main_process():
+        return 0
     print(
         f"test accuracy {summary['test_accuracy']:.4f} (top-"
         f"{summary['ensemble_size']} ensemble {summary['ensemble_test_accuracy']:.4f}),"
@@ -285,11 +431,18 @@ def _evaluate_cmd(args) -> int:
     from pso_jax import experiment
     from pso_jax.checkpoint import CheckpointError
 
+    parallel = _start_processes(args, "evaluate")
+    if parallel is None:
+        return 2
     try:
-        result = experiment.evaluate_workdir(args.workdir, step=args.step)
+        result = experiment.evaluate_workdir(
+            args.workdir, step=args.step, parallel=parallel
+        )
     except (FileNotFoundError, CheckpointError, ValueError) as e:
         print(f"pso-jax evaluate: {e}", file=sys.stderr)
         return 2
+    if not _is_main_process():
+        return 0
     print(
         f"step {result['steps']}: test accuracy {result['test_accuracy']:.4f}, "
         f"macro-F1 {result['test_macro_f1']:.4f}, top-{result['ensemble_size']} "
@@ -318,6 +471,7 @@ def main(argv: list[str] | None = None) -> int:
         "--workdir. SIGTERM/Ctrl-C checkpoints before exiting; --resume continues.",
     )
     _add_train_args(p_train)
+    _add_parallel_args(p_train)
     p_eval = sub.add_parser(
         "evaluate",
         help="re-evaluate a saved swarm on the test split",
@@ -326,6 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p_eval.add_argument("--workdir", type=Path, required=True, help="a run's workdir")
     p_eval.add_argument("--step", type=int, default=None, help="default: newest")
+    _add_parallel_args(p_eval)
     p_demo = sub.add_parser(
         "demo",
         help="the built-in demo: train --config demo (or --rastrigin)",

@@ -13,6 +13,16 @@ the state's key and step, and checkpoints fall on call boundaries, so a run that
 is interrupted (SIGTERM, Ctrl-C) and resumed ends bit for bit where the
 uninterrupted run ends.
 
+Several devices and hosts: ``parallel=Parallelism(devices=4)`` (``pso-jax train
+--devices 4``) shards the swarm over a mesh (:mod:`pso_jax.sharding`): each device
+holds and trains ``particles / devices`` particles in the same jitted
+``lax.scan``; the run's numbers are those of the one-device run up to float
+rounding. The layout is not part of ``config.json``: a run checkpointed on 8
+devices resumes on 2 or on 1. In a multi-process run (after
+:func:`pso_jax.sharding.initialize_distributed`) every process runs
+:func:`train` alike; checkpoints are written by all of them together (the work
+directory must be shared), everything else by process 0 only.
+
 Work directory::
 
     config.json        the run's TrainConfig (a resume must match it)
@@ -49,6 +59,7 @@ from pso_jax.train import BEST_REFRESH, FITNESS_FNS, EvalResult, TrainState
 
 __all__ = [
     "CONFIGS",
+    "Parallelism",
     "TrainConfig",
     "evaluate_workdir",
     "get_config",
@@ -71,6 +82,9 @@ class TrainConfig:
       model: a :data:`pso_jax.models.MODELS` name.
       width: the model's base width.
       stem: ``"tubelet"`` or ``"conv"``.
+      patch: tubelet (or conv stem pool) size ``(pt, ph, pw)``; finer patches
+        see finer motion at a higher cost (``(2, 2, 2)`` is what the rotation
+        classes of ``moving_shapes/small`` need: see the demo's note).
       particles: swarm size ``P`` (each particle is a whole model).
       steps: swarm steps.
       local_steps: gradient steps per particle per swarm step (0: pure PSO).
@@ -112,6 +126,7 @@ class TrainConfig:
     model: str = "c3d"
     width: int = 16
     stem: str = "tubelet"
+    patch: tuple[int, int, int] = (2, 4, 4)
     particles: int = 8
     steps: int = 300
     local_steps: int = 1
@@ -136,9 +151,17 @@ class TrainConfig:
     swarm_over: str = "all"
     seed: int = 0
 
+    def __post_init__(self):
+        # From JSON (config.json) or the command line, a list: store a tuple.
+        if isinstance(self.patch, (list, tuple)):
+            object.__setattr__(self, "patch", tuple(self.patch))
+
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict."""
-        return dataclasses.asdict(self)
+        """A JSON-serialisable dict (tuples as lists, as JSON reads them back)."""
+        return {
+            k: list(v) if isinstance(v, tuple) else v
+            for k, v in dataclasses.asdict(self).items()
+        }
 
 
 CONFIGS: dict[str, TrainConfig] = {
@@ -155,6 +178,11 @@ CONFIGS: dict[str, TrainConfig] = {
         top_k=2,
     ),
     # `make demo`: the hybrid on moving_shapes/small in a few minutes on 2 cores.
+    # Gentle PSO coefficients: after k Adam steps, the textbook w=0.73,
+    # c1=c2=1.5 pull throws each particle about its bests by a large share of
+    # their distance, per coordinate, and undoes Adam's progress: at 150 steps,
+    # validation accuracy 0.26 with them, 0.68 with 0.3/0.3/0.3, 0.63 with no
+    # swarm update at all (independent Adam particles); same machine and run.
     "demo": TrainConfig(
         model="c3d",
         width=16,
@@ -163,6 +191,9 @@ CONFIGS: dict[str, TrainConfig] = {
         local_steps=4,
         learning_rate=1e-2,
         batch_size=32,
+        inertia=0.3,
+        cognitive=0.3,
+        social=0.3,
         init="perturb",
         init_scale=0.01,
         steps_per_call=10,
@@ -178,6 +209,9 @@ CONFIGS: dict[str, TrainConfig] = {
         steps=2000,
         local_steps=4,
         batch_size=32,
+        inertia=0.3,  # the hybrid's gentle coefficients, as in "demo"
+        cognitive=0.3,
+        social=0.3,
         augment=True,
         steps_per_call=20,
         eval_every=200,
@@ -221,6 +255,14 @@ def validate_config(cfg: TrainConfig) -> None:
 
     for name in ("width", "particles", "steps", "batch_size", "steps_per_call"):
         positive(name)
+    patch = cfg.patch
+    if (
+        not isinstance(patch, tuple)
+        or len(patch) != 3
+        or not all(isinstance(p, int) and not isinstance(p, bool) for p in patch)
+        or min(patch) < 1
+    ):
+        raise ValueError(f"patch={patch!r}: must be three ints >= 1 (pt, ph, pw)")
     for name in ("local_steps", "eval_every", "checkpoint_every"):
         value = getattr(cfg, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -249,6 +291,96 @@ def validate_config(cfg: TrainConfig) -> None:
         )
     if cfg.pretrained is not None and not os.path.isdir(cfg.pretrained):
         raise ValueError(f"pretrained={cfg.pretrained!r}: no such directory")
+
+
+@dataclasses.dataclass(frozen=True)
+class Parallelism:
+    """Where a run computes: devices, a data axis, padding (not in ``config.json``).
+
+    The device layout does not define a run's result (the trajectory is the same
+    on any device count, up to float rounding), so it is not a
+    :class:`TrainConfig` field: a run resumes on another device count.
+
+    Attributes:
+      devices: devices of the mesh, over all processes. ``None`` (default):
+        one device in a single-process run (the unsharded train step, exactly
+        as without this option) and every device in a multi-process run;
+        ``0``: every device (``jax.device_count()``); ``N >= 2``: the first
+        ``N`` devices, the swarm sharded over them (:mod:`pso_jax.sharding`).
+        A multi-process run uses every device.
+      data: size of the mesh's ``"data"`` axis, which splits each batch over
+        that many devices (the particles over ``devices // data``); for fewer
+        particles than devices. Must divide ``devices`` and the batch size.
+      pad: when ``particles`` does not divide by the particle axis
+        (``devices // data``), add inert particles up to the next multiple
+        (they move like the others but never become bests; test evaluation,
+        ensembles and reports leave them out); without it such a count raises
+        an error naming the valid counts.
+
+    >>> Parallelism(devices=4, data=2).particle_shards(4)
+    2
+    """
+
+    devices: int | None = None
+    data: int = 1
+    pad: bool = False
+
+    def __post_init__(self):
+        if self.devices is not None and (
+            isinstance(self.devices, bool)
+            or not isinstance(self.devices, int)
+            or self.devices < 0
+        ):
+            raise ValueError(
+                f"devices={self.devices!r}: must be None, 0 (all) or an int >= 1"
+            )
+        if isinstance(self.data, bool) or not isinstance(self.data, int):
+            raise ValueError(f"data={self.data!r}: must be an int >= 1")
+        if self.data < 1:
+            raise ValueError(f"data={self.data!r}: must be an int >= 1")
+
+    def num_devices(self) -> int:
+        """The mesh's device count here (initialises JAX's backend).
+
+        Raises:
+          ValueError: for more devices than available, a multi-process run on
+            part of the devices, or a ``data`` size that does not divide it.
+        """
+        available = jax.device_count()
+        processes = jax.process_count()
+        n = self.devices
+        if n is None:
+            n = 1 if processes == 1 else available
+        elif n == 0:
+            n = available
+        if n > available:
+            platform = jax.devices()[0].platform
+            hint = ""
+            if platform == "cpu":
+                hint = (
+                    f"; for {n} simulated CPU devices start with XLA_FLAGS="
+                    f"--xla_force_host_platform_device_count={n}"
+                )
+            raise ValueError(
+                f"devices={n}: only {available} {platform} device(s) available "
+                f"({processes} process(es)){hint}"
+            )
+        if processes > 1 and n != available:
+            raise ValueError(
+                f"devices={n}: a multi-process run uses every device of every "
+                f"process ({available}); omit devices or pass all (0)"
+            )
+        if n % self.data:
+            valid = [d for d in range(1, n + 1) if n % d == 0]
+            raise ValueError(
+                f"data={self.data} does not divide devices={n}; valid data sizes: "
+                f"{valid}"
+            )
+        return n
+
+    def particle_shards(self, num_devices: int) -> int:
+        """Devices on the ``"particles"`` axis of a mesh of ``num_devices``."""
+        return num_devices // self.data
 
 
 # -- data ---------------------------------------------------------------------
@@ -318,18 +450,35 @@ def _to_float(batch: dict) -> dict:
 
 
 class _Run:
-    """What :func:`train` and :func:`evaluate_workdir` build from a config."""
+    """What :func:`train` and :func:`evaluate_workdir` build from a config.
 
-    def __init__(self, cfg: TrainConfig, source):
+    ``mesh`` is ``None`` on one device (the unsharded train step), else the
+    swarm's mesh: the optimizer, the trainer (``init``, ``step`` and the
+    ``lax.scan`` chunk) and the state are then sharded over it.
+    """
+
+    def __init__(self, cfg: TrainConfig, source, parallel: Parallelism | None = None):
         import optax
 
-        from pso_jax import flax_utils, pso, train
+        from pso_jax import flax_utils, pso, sharding, train
         from pso_jax.data import augment_batch
+        from pso_jax.data.augment import augment as augment_clip
         from pso_jax.models import make_model
 
         self.cfg = cfg
+        self.parallel = parallel = parallel or Parallelism()
+        num_devices = parallel.num_devices()
+        self.mesh = None
+        if num_devices > 1:
+            self.mesh = sharding.make_mesh(num_devices, data=parallel.data)
         self.num_classes = _num_classes(cfg, source)
-        model = make_model(cfg.model, self.num_classes, width=cfg.width, stem=cfg.stem)
+        model = make_model(
+            cfg.model,
+            self.num_classes,
+            width=cfg.width,
+            stem=cfg.stem,
+            patch=cfg.patch,
+        )
         dummy = jnp.zeros((1, *_clip_shape(cfg, source)), jnp.float32)
         template = model.init(jax.random.key(0), dummy)["params"]
         mask = None
@@ -348,6 +497,9 @@ class _Run:
             for k in ("inertia", "cognitive", "social", "init_scale")
             if getattr(cfg, k) is not None
         }
+        layout = {}
+        if self.mesh is not None:
+            layout = dict(mesh=self.mesh, pad=parallel.pad)
         self.optimizer = pso(
             num_particles=cfg.particles,
             variant=cfg.variant,
@@ -355,19 +507,41 @@ class _Run:
             maximize=cfg.fitness == "macro_f1",
             mask=mask,
             init_fn=init_fn,
+            **layout,
             **hparams,
         )
+        # With padding, the swarm's size on the device (cfg.particles + inert).
+        self.swarm_size = self.optimizer.num_particles
         batch_fn = None
-        if cfg.augment:
+        data = 1 if self.mesh is None else parallel.data
+        if cfg.augment and data == 1:
 
             def batch_fn(key, batch):
                 video, label = augment_batch(key, batch["video"], batch["label"])
                 return {**batch, "video": video, "label": label}
 
+        elif cfg.augment:
+
+            def batch_fn(key, batch):
+                # This device's slice of the batch on the "data" axis: its clips'
+                # keys of the whole batch's draw, so that every clip gets the
+                # augmentation it gets on one device (augment_batch's keys).
+                n = batch["video"].shape[0]
+                keys = jax.random.split(key, n * data)
+                row0 = jax.lax.axis_index(sharding.DATA_AXIS) * n
+                keys = jax.lax.dynamic_slice_in_dim(keys, row0, n)
+                video, label = jax.vmap(augment_clip)(
+                    keys, batch["video"], batch["label"]
+                )
+                return {**batch, "video": video, "label": label}
+
         def apply_fn(params, video):
             return model.apply({"params": params}, video)
 
-        self.trainer = train.make_train_step(
+        make_train_step = (
+            train.make_train_step if self.mesh is None else sharding.make_train_step
+        )
+        self.trainer = make_train_step(
             apply_fn,
             self.optimizer,
             fitness=cfg.fitness,
@@ -382,11 +556,84 @@ class _Run:
         def chunk(state, batches):
             return trainer.scan(state, jax.vmap(_to_float)(batches))
 
+        # Sharded, trainer.scan is a lax.scan over the sharded step: still one
+        # jitted call per chunk.
         self.chunk = jax.jit(chunk, donate_argnums=0)
         self.init = jax.jit(lambda key: trainer.init(key, template))
+        self._top = None
 
     def abstract_state(self) -> TrainState:
-        return jax.eval_shape(self.init, jax.random.key(self.cfg.seed))
+        """The state's shapes and dtypes, with the mesh's shardings if sharded.
+
+        The restore target: a checkpoint written on any device count is read
+        straight into this run's layout.
+        """
+        from pso_jax import sharding
+
+        abstract = jax.eval_shape(self.init, jax.random.key(self.cfg.seed))
+        if self.mesh is None:
+            return abstract
+        return sharding.abstract_state(abstract, self.mesh)
+
+    def device_batches(self, batches: dict) -> dict:
+        """Host batches ``[k, B, ...]`` as the chunk's input.
+
+        Sharded: global arrays, replicated or split on ``B`` over ``"data"``
+        (each process supplies its devices' parts of the same host batch).
+        """
+        if self.mesh is None:
+            return batches
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
+
+        from pso_jax import sharding
+
+        spec = P() if self.parallel.data == 1 else P(None, sharding.DATA_AXIS)
+        where = NamedSharding(self.mesh, spec)
+        return jax.tree.map(
+            lambda x: jax.make_array_from_callback(x.shape, where, lambda i: x[i]),
+            batches,
+        )
+
+    def eval_state(self, state: TrainState, top_k: int) -> TrainState:
+        """What :func:`pso_jax.train.evaluate` reads, on this process's host.
+
+        Unsharded: ``state``. Sharded: the best particle and the ``top_k`` best
+        personal bests (in the order ``evaluate`` ranks them, so the ensemble is
+        the one-device run's), gathered and replicated; the test evaluation then
+        runs on one device of each process, as on one device.
+        """
+        if self.mesh is None:
+            return state
+        if self._top is None:
+            from jax.sharding import NamedSharding
+            from jax.sharding import PartitionSpec as P
+
+            sign = -1.0 if self.trainer.maximize else 1.0
+
+            def top(swarm, k):
+                params = swarm.pbest_params
+                if params is None:
+                    params = swarm.positions
+                fit = swarm.pbest_fitness
+                score = jnp.where(jnp.isfinite(fit), sign * fit, jnp.inf)
+                rows = jnp.argsort(score)[:k]  # padding scores inf: ranked last
+                picked = jax.tree.map(lambda a: a[rows], params)
+                return picked, fit[rows], swarm.best_params, swarm.frozen_params
+
+            replicated = NamedSharding(self.mesh, P())
+            self._top = jax.jit(top, static_argnums=1, out_shardings=replicated)
+        swarm = state.swarm
+        picked, fit, best, frozen = jax.tree.map(np.asarray, self._top(swarm, top_k))
+        swarm = swarm.replace(
+            positions=picked,
+            pbest_params=None if swarm.pbest_params is None else picked,
+            fitness=fit,
+            pbest_fitness=fit,
+            best_params=best,
+            frozen_params=frozen,
+        )
+        return state.replace(swarm=swarm, opt_state=None)
 
 
 def _learning_rate(cfg: TrainConfig):
@@ -486,6 +733,7 @@ def train(
     resume: bool = False,
     progress: bool = True,
     on_step: Callable[[int, TrainState], None] | None = None,
+    parallel: Parallelism | None = None,
 ) -> dict[str, Any]:
     """Train a swarm of video classifiers; write the work directory.
 
@@ -493,10 +741,12 @@ def train(
       cfg: the run's configuration (:func:`get_config`).
       workdir: the work directory (created).
       resume: continue from the newest checkpoint in ``workdir``; its
-        ``config.json`` must equal ``cfg``.
-      progress: show a ``rich`` progress bar (on stderr).
+        ``config.json`` must equal ``cfg`` (the device layout may differ).
+      progress: show a ``rich`` progress bar (on stderr; process 0 only).
       on_step: ``on_step(step, state)`` called on the host after every jitted
         call (for tests and notebooks).
+      parallel: the device layout (default: one device, or every device of a
+        multi-process run); see :class:`Parallelism`.
 
     Returns:
       The summary dict (also written to ``summary.json``). If a SIGTERM/SIGINT
@@ -506,9 +756,14 @@ def train(
     Raises:
       FileExistsError: ``workdir`` already holds checkpoints and not ``resume``.
       pso_jax.checkpoint.CheckpointError: ``resume`` without a usable checkpoint.
-      ValueError: a bad config, or ``resume`` with a different config.
+      ValueError: a bad config, or ``resume`` with a different config, or a
+        layout that does not fit (too many devices, a particle count that does
+        not divide without ``pad``: raised before any data or compilation).
     """
     validate_config(cfg)
+    parallel = parallel or Parallelism()
+    _check_layout(cfg, parallel)
+    main = jax.process_index() == 0  # the process that writes files and logs
     workdir = Path(workdir)
     ckdir = workdir / "checkpoints"
     metrics_path = workdir / "metrics.jsonl"
@@ -524,52 +779,67 @@ def train(
         )
     workdir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    train_source = _source(cfg, "train")
+    train_source = _first_source(cfg, "train")
     batches = _train_batches(cfg, train_source)
     data_seconds = time.perf_counter() - t_start
-    run = _Run(cfg, train_source)
+    run = _Run(cfg, train_source, parallel)
     key = jax.random.key(cfg.seed)
     wall_before = 0.0
     if resume:
-        state, meta = ckpt.restore(ckdir, run.abstract_state())
+        state, meta = _restore(run, ckdir)
         start = int(state.swarm.step)
         wall_before = float(meta.get("wall_seconds", 0.0))
-        _truncate_metrics(metrics_path, start)
+        if main:
+            _truncate_metrics(metrics_path, start)
     else:
-        _write_json(workdir / "config.json", cfg.to_dict())
-        metrics_path.write_text("")
+        if main:
+            _write_json(workdir / "config.json", cfg.to_dict())
+            metrics_path.write_text("")
         state = run.init(key)
         start = 0
     k = cfg.steps_per_call
     every = cfg.checkpoint_every
     if every:
         every = -(-every // k) * k  # checkpoints fall on call boundaries
+    # The newest step on disk; tracked here rather than listed again, as every
+    # process of a multi-process run must make the same save calls.
+    saved = start if resume else None
 
     def save(state, step, wall):
-        if ckpt.latest_step(ckdir) != step:
+        nonlocal saved
+        if saved != step:
+            # Every process calls it: orbax writes each one's shards.
             ckpt.save(
                 ckdir,
                 step,
                 state,
-                meta={"wall_seconds": wall, "config": cfg.to_dict()},
+                meta={
+                    "wall_seconds": wall,
+                    "config": cfg.to_dict(),
+                    "swarm_size": run.swarm_size,
+                },
             )
+            saved = step
 
     val_source = _source(cfg, "validation") if cfg.eval_every else None
     compile_seconds = None  # of the first call, which also compiles
     t_loop, loop_start = time.perf_counter(), start
     step = start
+    stop = None  # the signal number that stops the run (any process's)
     with (
         _Interrupt() as interrupt,
-        open(metrics_path, "a") as log,
-        _Progress(progress, cfg.steps, start, cfg.particles) as bar,
+        open(metrics_path if main else os.devnull, "a") as log,
+        _Progress(progress and main, cfg.steps, start, cfg.particles) as bar,
     ):
-        while step < cfg.steps and interrupt.signum is None:
+        while step < cfg.steps and stop is None:
             n = min(k - step % k, cfg.steps - step)
             stacked = jax.tree.map(
                 lambda *xs: np.stack(xs), *(batches[step + i] for i in range(n))
             )
             t0 = time.perf_counter()
-            state, metrics = run.chunk(state, stacked)
+            state, metrics = run.chunk(state, run.device_batches(stacked))
+            # One host sync per chunk (also what keeps simulated CPU devices'
+            # collectives from piling up).
             jax.block_until_ready(metrics)
             if compile_seconds is None:
                 compile_seconds = time.perf_counter() - t0
@@ -590,10 +860,11 @@ def train(
                 save(state, step, wall)
             if on_step is not None:
                 on_step(step, state)
+            stop = _stop_signal(interrupt)
     wall = wall_before + time.perf_counter() - t_start
-    if interrupt.signum is not None:
+    if stop is not None:
         save(state, step, wall)
-        return {"interrupted": True, "signal": interrupt.signum, "steps": step}
+        return {"interrupted": True, "signal": stop, "steps": step}
     save(state, step, wall)
     timed_steps = step - loop_start
     loop_seconds = time.perf_counter() - t_loop
@@ -608,18 +879,95 @@ def train(
         ),
         seconds_per_step=loop_seconds / timed_steps if timed_steps else None,
         config=cfg.to_dict(),
+        parallel=_layout(run),
     )
-    _write_json(workdir / "summary.json", summary)
-    _plot_convergence(metrics_path, workdir / "convergence.png", cfg)
+    if main:
+        _write_json(workdir / "summary.json", summary)
+        _plot_convergence(metrics_path, workdir / "convergence.png", cfg)
     return summary
+
+
+def _check_layout(cfg: TrainConfig, parallel: Parallelism) -> None:
+    """Raise the layout's ValueError now, before data and compilation."""
+    from pso_jax import sharding
+
+    num_devices = parallel.num_devices()
+    if num_devices == 1:
+        return
+    shards = parallel.particle_shards(num_devices)
+    try:
+        sharding.padded_num_particles(cfg.particles, shards, parallel.pad)
+    except ValueError as e:
+        message = str(e).replace("pass pad=True", "pass pad=True (--pad)")
+        raise ValueError(f"particles={cfg.particles}: {message}") from None
+    if cfg.batch_size % parallel.data:
+        raise ValueError(
+            f"batch_size={cfg.batch_size} does not divide over data={parallel.data} "
+            "devices; choose a batch size that is a multiple of it"
+        )
+
+
+def _layout(run: _Run) -> dict[str, Any]:
+    """The run's device layout, for reports (not part of the config)."""
+    return {
+        "devices": 1 if run.mesh is None else run.mesh.size,
+        "data": 1 if run.mesh is None else run.parallel.data,
+        "processes": jax.process_count(),
+        "swarm_size": run.swarm_size,  # particles + inert padding
+    }
+
+
+def _first_source(cfg: TrainConfig, split: str):
+    """``_source``; in a multi-process run process 0 prepares the data first."""
+    if jax.process_count() == 1:
+        return _source(cfg, split)
+    from jax.experimental import multihost_utils
+
+    source = _source(cfg, split) if jax.process_index() == 0 else None
+    multihost_utils.sync_global_devices("pso_jax.experiment data prepared")
+    return source if source is not None else _source(cfg, split)
+
+
+def _stop_signal(interrupt: _Interrupt) -> int | None:
+    """The signal that stops the run: this process's, or any process's."""
+    if jax.process_count() == 1:
+        return interrupt.signum
+    from jax.experimental import multihost_utils
+
+    # All processes stop at the same call, or the others would wait forever in
+    # the next step's collectives.
+    signums = multihost_utils.process_allgather(np.int32(interrupt.signum or 0))
+    return int(np.max(signums)) or None
+
+
+def _restore(run: _Run, ckdir: Path, step: int | None = None):
+    """Restore a checkpoint into ``run``'s layout (any device count it was saved on).
+
+    Raises:
+      pso_jax.checkpoint.CheckpointError: as ``checkpoint.restore``, or for a
+        checkpoint whose swarm was padded to another size than this layout's.
+    """
+    meta = ckpt.read_meta(ckdir, step=step)
+    stored = meta.get("swarm_size", run.swarm_size)
+    if stored != run.swarm_size:
+        raise ckpt.CheckpointError(
+            f"checkpoint in {ckdir} holds a swarm of {stored} particles "
+            f"({run.cfg.particles} + {stored - run.cfg.particles} inert padding), "
+            f"this layout gives {run.swarm_size}: restore it on a device count "
+            "that pads to the same size (the one it was written on, with --pad)"
+        )
+    return ckpt.restore(ckdir, run.abstract_state(), step=step)
 
 
 def _evaluate(run: _Run, state: TrainState, source, *, top_k: int):
     from pso_jax.train import evaluate
 
+    # Never more than the real particles: with padding, the inert ones rank last
+    # (their personal bests never get a finite fitness) and stay out.
+    top_k = max(1, min(top_k, run.cfg.particles))
     return evaluate(
         run.trainer,
-        state,
+        run.eval_state(state, top_k),
         _eval_batches(run.cfg, source),
         run.num_classes,
         top_k=top_k,
@@ -632,7 +980,8 @@ def _finish(run: _Run, state: TrainState, workdir: Path) -> dict[str, Any]:
 
     best, ens = _evaluate(run, state, _source(run.cfg, "test"), top_k=run.cfg.top_k)
     names = LABEL_NAMES if run.cfg.dataset == "moving_shapes" else None
-    _plot_confusion(best, workdir / "confusion.png", names)
+    if jax.process_index() == 0:
+        _plot_confusion(best, workdir / "confusion.png", names)
     return {
         "test_accuracy": best.accuracy,
         "test_macro_f1": best.macro_f1,
@@ -646,7 +995,10 @@ def _finish(run: _Run, state: TrainState, workdir: Path) -> dict[str, Any]:
 
 
 def evaluate_workdir(
-    workdir: str | os.PathLike, *, step: int | None = None
+    workdir: str | os.PathLike,
+    *,
+    step: int | None = None,
+    parallel: Parallelism | None = None,
 ) -> dict[str, Any]:
     """Re-evaluate a saved swarm on the test split (``pso-jax evaluate``).
 
@@ -654,20 +1006,32 @@ def evaluate_workdir(
     the newest), evaluates the best particle and the top-k ensemble, writes
     ``evaluation.json`` and ``confusion.png``, and returns the metrics.
 
+    Args:
+      workdir: a run's work directory.
+      step: the checkpoint step (default: the newest).
+      parallel: the device layout to restore onto (any device count: the
+        checkpoint holds global arrays); the swarm must keep the padded size it
+        was saved with. Default as for :func:`train`.
+
     Raises:
       FileNotFoundError: no ``config.json`` in ``workdir``.
       pso_jax.checkpoint.CheckpointError: no usable checkpoint.
+      ValueError: a layout that does not fit (see :func:`train`).
     """
     workdir = Path(workdir)
     config_path = workdir / "config.json"
     if not config_path.exists():
         raise FileNotFoundError(f"{config_path} not found: is {workdir} a run?")
     cfg = TrainConfig(**json.loads(config_path.read_text()))
-    run = _Run(cfg, _source(cfg, "train"))
-    state, _ = ckpt.restore(workdir / "checkpoints", run.abstract_state(), step=step)
+    parallel = parallel or Parallelism()
+    _check_layout(cfg, parallel)
+    run = _Run(cfg, _first_source(cfg, "train"), parallel)
+    state, _ = _restore(run, workdir / "checkpoints", step=step)
     result = _finish(run, state, workdir)
     result["steps"] = int(state.swarm.step)
-    _write_json(workdir / "evaluation.json", result)
+    result["parallel"] = _layout(run)
+    if jax.process_index() == 0:
+        _write_json(workdir / "evaluation.json", result)
     return result
 
 

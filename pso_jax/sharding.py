@@ -468,12 +468,22 @@ def make_train_step(
       optimizer: from ``pso(..., mesh=mesh)``.
       fitness, grad_loss, **kwargs: as for :func:`pso_jax.train.make_train_step`.
 
+    A ``batch_fn`` (augmentation) runs inside the ``shard_map``: with a
+    ``"data"`` axis it sees only this device's slice of the batch and the same
+    key on every slice, so it must draw per clip from the slice's position in
+    the whole batch (``jax.lax.axis_index("data")``) to match the unsharded run
+    (as :func:`pso_jax.experiment.train` does), or its slices get correlated
+    draws.
+
     Returns:
-      A :class:`pso_jax.train.Trainer` whose ``init`` and ``step`` take and
-      return global (sharded) train states. ``step`` takes the global batch
-      (replicated, or split on its leading axis over ``"data"``). The metrics
-      equal the unsharded step's; ``grad_loss`` is the mean over shards (equal
-      up to float rounding).
+      A :class:`pso_jax.train.Trainer` whose ``init``, ``step`` and ``scan`` take
+      and return global (sharded) train states. ``step`` takes the global batch
+      (replicated, or split on its leading axis over ``"data"``); ``scan`` a
+      stack of them (``[k, B, ...]``) and runs ``k`` sharded steps in one
+      ``lax.scan``. The metrics equal the unsharded step's; ``grad_loss`` is the
+      mean over shards (equal up to float rounding; with ``pad`` it includes the
+      inert particles' gradient steps). ``evaluate_logits`` is the unsharded
+      one: evaluate gathered particles on one device.
     """
     if not isinstance(optimizer, ShardedSwarmOptimizer):
         raise ValueError(
@@ -490,8 +500,18 @@ def make_train_step(
     if data_axis is None:
         trainer = plain
     else:
+
+        def apply_on_data_slice(params, video):
+            # The parameters enter the model already varying over the data
+            # axis, as the video slice does. For plain autodiff this changes
+            # nothing (the psum of the slices' gradients is this cast's
+            # transpose either way), but a model with a custom VJP (e.g.
+            # pso_jax.models.layers.call_per_particle) must return cotangents
+            # typed like its inputs, and its gradients vary over the slices.
+            return apply_fn(_vary_over(params, data_axis), video)
+
         trainer = train_lib.make_train_step(
-            apply_fn,
+            apply_on_data_slice,
             optimizer.local,
             fitness=_data_fitness(fitness, data_axis),
             grad_loss=_data_mean(grad_loss, data_axis),
@@ -551,7 +571,27 @@ def make_train_step(
         )
         return fn(key, state, batch, hparams)
 
-    return trainer._replace(init=init, step=step)
+    def scan(state: Any, batches: Any, hparams: Any = None):
+        # The plain trainer's scan closes over the per-shard step: scan the
+        # sharded one instead. Still one computation under jit, and the carry
+        # keeps its layout (each step's shard_map takes and gives the same specs).
+        return jax.lax.scan(lambda s, b: step(None, s, b, hparams), state, batches)
+
+    # evaluate_logits: the plain one, for gathered particles outside shard_map.
+    return trainer._replace(
+        init=init, step=step, scan=scan, evaluate_logits=plain.evaluate_logits
+    )
+
+
+def _vary_over(tree: PyTree, axis: str) -> PyTree:
+    """``tree`` typed as varying over ``axis`` inside ``shard_map`` (a no-op cast)."""
+
+    def one(x):
+        if axis in _varying_axes(x):
+            return x
+        return jax.lax.pcast(x, axis, to="varying")
+
+    return jax.tree.map(one, tree)
 
 
 def _invariant(x: jax.Array) -> jax.Array:

@@ -257,27 +257,32 @@ def make_train_step(
             )(swarm.positions, opt_state, swarm.frozen_params, batch)
             swarm = swarm.replace(positions=positions)
             gl = losses.mean()
-        if best_refresh == "reevaluate" and swarm.pbest_params is not None:
-            # Positions, personal bests and the swarm best in ONE evaluation of
-            # 2P + 1 particles: one compiled model body instead of three.
+        if best_refresh == "reevaluate":
+            # Positions, personal bests (if the variant keeps them: CSO does not)
+            # and the swarm best in ONE evaluation of 2P + 1 (or P + 1)
+            # particles: one compiled model body instead of three.
             n = swarm.fitness.shape[0]
-            stacked = jax.tree.map(
-                lambda x, p, b: jnp.concatenate([x, p, b[None]]),
-                swarm.positions,
-                swarm.pbest_params,
-                swarm.best_params,
-            )
+            has_pbest = swarm.pbest_params is not None
+            parts = [swarm.positions]
+            if has_pbest:
+                parts.append(swarm.pbest_params)
+            parts.append(jax.tree.map(lambda b: b[None], swarm.best_params))
+            stacked = jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
             all_fit, all_logits = swarm_fitness(stacked, swarm.frozen_params, batch)
             fit, logits = all_fit[:n], all_logits[:n]
-            pfit, bfit = all_fit[n : 2 * n], all_fit[2 * n :]
-            started = jnp.isfinite(swarm.pbest_fitness)
+            bfit = all_fit[-1]
             worst = -jnp.inf if maximize else jnp.inf
-            pfit = jnp.where(jnp.isfinite(pfit), pfit, worst)
+            if has_pbest:
+                pfit = all_fit[n : 2 * n]
+                started = jnp.isfinite(swarm.pbest_fitness)
+                pfit = jnp.where(jnp.isfinite(pfit), pfit, worst)
+                swarm = swarm.replace(
+                    pbest_fitness=jnp.where(started, pfit, swarm.pbest_fitness)
+                )
             swarm = swarm.replace(
-                pbest_fitness=jnp.where(started, pfit, swarm.pbest_fitness),
                 best_fitness=jnp.where(
                     jnp.isfinite(swarm.best_fitness),
-                    jnp.where(jnp.isfinite(bfit[0]), bfit[0], worst),
+                    jnp.where(jnp.isfinite(bfit), bfit, worst),
                     swarm.best_fitness,
                 ),
             )

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import warnings
 
+import jax
 import jax.numpy as jnp
 
 
@@ -76,7 +77,11 @@ def warn_if_unstable(variant: str, w: float, c1: float, c2: float) -> None:
     """
     if variant not in ("inertia", "constriction", "spso2011"):
         return
-    we, c1e, c2e = (float(v) for v in effective_coefficients(variant, w, c1, c2))
+    # Concrete inputs (the only ones that reach here) stay concrete under jit:
+    # constriction's chi is computed with jnp, which would otherwise trace.
+    with jax.ensure_compile_time_eval():
+        coefficients = effective_coefficients(variant, w, c1, c2)
+        we, c1e, c2e = (float(v) for v in coefficients)
     if not in_stability_region(we, c1e, c2e):
         warnings.warn(
             f"(w, c1, c2) = ({we:.4g}, {c1e:.4g}, {c2e:.4g}) (effective, variant "

@@ -8,16 +8,23 @@ file asserts on them.
 
     python tests/sharding_worker.py checks {swarm,train} OUT_DIR
     python tests/sharding_worker.py process RANK PORT OUT_DIR   # 2 x 4 devices
+    python tests/sharding_worker.py experiment OUT_DIR DATA_DIR
 
 ``process`` is one of two real processes on localhost (``jax.distributed``, gloo
 CPU collectives) that together run the runs of :data:`PROCESS_RUNS` over 8
 devices; ``checks`` saves the same runs on one 8-device process for comparison.
+``experiment`` runs :func:`pso_jax.experiment.train` and the ``pso-jax`` command
+line on 1, 2 and 4 of 8 devices (:data:`EXPERIMENT`, a smaller smoke config).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import shutil
+import signal
 import sys
 import time
 
@@ -64,6 +71,22 @@ DEVICE_COUNTS = (2, 4, 8)
 # Every config runs on 8 devices (the smallest shards, halos spanning several
 # shards); these also on 2 and 4 (compiles are the cost of this file).
 ALL_COUNTS = ("ring3-perturb", "spso2011-random")
+
+
+# The training runs of `experiment`: the smoke config made smaller (seconds per
+# run), pure PSO (local_steps=0: see check_experiment for the hybrid). The test
+# file passes the same values as pso-jax flags (experiment_flags).
+EXPERIMENT = dict(
+    width=4, steps=4, steps_per_call=2, checkpoint_every=2, num_frames=4, local_steps=0
+)
+
+
+def experiment_flags(data_dir: str, **overrides) -> list[str]:
+    """``pso-jax train`` flags for the smoke config with :data:`EXPERIMENT`."""
+    flags = ["train", "--config", "smoke", "--data-dir", data_dir, "--no-progress"]
+    for name, value in {**EXPERIMENT, **overrides}.items():
+        flags += [f"--{name.replace('_', '-')}", str(value)]
+    return flags
 
 
 def _setup(num_devices: int):
@@ -469,6 +492,209 @@ def check_checkpoint(out: dict, tmp: str) -> None:
     }
 
 
+def _metrics(workdir: str) -> list[dict]:
+    """A run's metrics.jsonl without its wall-clock times."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [
+            {k: v for k, v in json.loads(line).items() if k != "wall_seconds"}
+            for line in f
+            if line.strip()
+        ]
+
+
+def _compare_metrics(a: list[dict], b: list[dict]) -> dict:
+    """Max |a - b| over every metric of every step; whether the steps match."""
+    same_steps = [r["step"] for r in a] == [r["step"] for r in b]
+    diff = max(
+        (abs(x[k] - y[k]) for x, y in zip(a, b, strict=False) for k in x),
+        default=0.0,
+    )
+    return {"same_steps": same_steps, "max_abs_diff": float(diff), "equal": a == b}
+
+
+SUMMARY_KEYS = (
+    "test_accuracy",
+    "test_macro_f1",
+    "ensemble_test_accuracy",
+    "ensemble_size",
+    "best_train_fitness",
+    "steps",
+    "parallel",
+)
+
+
+def _summary(summary: dict) -> dict:
+    return {k: summary.get(k) for k in SUMMARY_KEYS} | {
+        "particles": summary.get("config", {}).get("particles")
+    }
+
+
+def check_experiment(out: dict, tmp: str, data_dir: str) -> None:
+    """``experiment.train`` and ``pso-jax`` on 1, 2 and 4 devices (and a data axis).
+
+    Pure PSO runs are compared leaf by leaf. With gradient steps (the hybrid),
+    Adam moves the biases that feed a normalisation layer (gradient zero up to
+    rounding) by the sign of rounding noise: those leaves differ between any two
+    compilations (one device vs four, as two XLA versions would), so the hybrid
+    runs compare their metrics and test results instead, and the hybrid
+    checkpoint's restore onto another device count is compared bitwise.
+    """
+    import dataclasses
+
+    import jax
+    import numpy as np
+
+    from pso_jax import checkpoint, cli, experiment
+    from pso_jax.experiment import Parallelism
+
+    pure = experiment.get_config("smoke", data_dir=data_dir, **EXPERIMENT)
+    hybrid = dataclasses.replace(pure, local_steps=1)
+    final: dict[str, object] = {}
+
+    def run(name, cfg, parallel, **kw):
+        def grab(step, state):
+            final[name] = _np(state)
+
+        workdir = os.path.join(tmp, name)
+        t = time.perf_counter()
+        summary = experiment.train(
+            cfg, workdir, progress=False, parallel=parallel, on_step=grab, **kw
+        )
+        out["timings"][f"run {name}"] = round(time.perf_counter() - t, 2)
+        return summary, workdir
+
+    def versus(name, ref, got_summary, got_dir, state=True):
+        res = {
+            "summary": [_summary(ref[0]), _summary(got_summary)],
+            "metrics": _compare_metrics(_metrics(ref[1]), _metrics(got_dir)),
+        }
+        if state:
+            res["state"] = _compare(final[ref[2]], final[name])
+        out[f"experiment/{name}"] = res
+
+    # (a) 4 devices, and 2 x 2 with a data axis, against one device.
+    s1, d1 = run("pure-1", pure, Parallelism())
+    ref = (s1, d1, "pure-1")
+    for name, parallel in (
+        ("pure-4", Parallelism(devices=4)),
+        ("pure-2x2", Parallelism(devices=4, data=2)),
+    ):
+        versus(name, ref, *run(name, pure, parallel))
+    # On-device augmentation on a data axis: each device augments its slice of
+    # the batch with those clips' keys of the whole batch's draw.
+    aug = dataclasses.replace(pure, augment=True)
+    sa1, da1 = run("aug-1", aug, Parallelism())
+    parallel = Parallelism(devices=4, data=2)
+    versus("aug-2x2", (sa1, da1, "aug-1"), *run("aug-2x2", aug, parallel))
+
+    # (b) Interrupted at step 2 on 4 devices, resumed on 2 (and on 1).
+    def kill_at_2(step, state):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    part = os.path.join(tmp, "resume-2")
+    first = experiment.train(
+        pure, part, progress=False, parallel=Parallelism(devices=4), on_step=kill_at_2
+    )
+    shutil.copytree(part, os.path.join(tmp, "resume-1"))
+    for name, parallel in (
+        ("resume-2", Parallelism(devices=2)),
+        ("resume-1", Parallelism()),
+    ):
+        summary, workdir = run(name, pure, parallel, resume=True)
+        versus(name, (s1, d1, "pure-1"), summary, workdir)
+        out[f"experiment/{name}"] |= {
+            "interrupted": first,
+            "checkpoints": checkpoint.all_steps(os.path.join(workdir, "checkpoints")),
+            "versus_4": _compare(final["pure-4"], final[name]),
+        }
+
+    # The hybrid (gradient steps, per-particle Adam state) on 4 devices.
+    sh1, dh1 = run("hybrid-1", hybrid, Parallelism())
+    sh4, dh4 = run("hybrid-4", hybrid, Parallelism(devices=4))
+    versus("hybrid-4", (sh1, dh1, "hybrid-1"), sh4, dh4, state=False)
+    source = experiment._source(hybrid, "train")
+    run2 = experiment._Run(hybrid, source, Parallelism(devices=2))
+    restored, _ = experiment._restore(run2, os.path.join(dh4, "checkpoints"))
+    opt_leaf = jax.tree.leaves(restored.opt_state)[-1]
+    out["experiment/hybrid-restore-2"] = {
+        "restored": _compare(final["hybrid-4"], restored),
+        "opt_state_rows": _rows(opt_leaf),
+        "devices": len(opt_leaf.sharding.device_set),
+    }
+
+    # (c) 6 particles on 4 devices: an error before anything is written or
+    # compiled; with pad, 8 on the devices, 6 reported and evaluated.
+    six = dataclasses.replace(pure, particles=6, top_k=8)
+    try:
+        experiment.train(
+            six, os.path.join(tmp, "six"), progress=False, parallel=Parallelism(4)
+        )
+        error = None
+    except ValueError as e:
+        error = str(e)
+    summary, workdir = run("pad-6", six, Parallelism(devices=4, pad=True))
+    state = final["pad-6"]
+    run_pad = experiment._Run(six, source, Parallelism(devices=4, pad=True))
+    restored, _ = experiment._restore(run_pad, os.path.join(workdir, "checkpoints"))
+    view = run_pad.eval_state(restored, 6).swarm
+    real = np.asarray(state.swarm.pbest_fitness)[:6]
+    try:  # onto 2 devices: 6 particles, no padding, another swarm size
+        experiment._restore(
+            experiment._Run(six, source, Parallelism(devices=2)),
+            os.path.join(workdir, "checkpoints"),
+        )
+        restore_error = None
+    except checkpoint.CheckpointError as e:
+        restore_error = str(e)
+    out["experiment/pad"] = {
+        "error": error,
+        "wrote_nothing": not os.path.exists(os.path.join(tmp, "six")),
+        "summary": _summary(summary),
+        "swarm_rows": int(state.swarm.fitness.shape[0]),
+        "inert_pbest_fitness": np.asarray(state.swarm.pbest_fitness)[6:].tolist(),
+        "evaluated_fitness": np.asarray(view.pbest_fitness).tolist(),
+        "real_pbest_fitness_sorted": sorted(real.tolist()),
+        "metrics": _metrics(workdir),
+        "restore_on_2_error": restore_error,
+    }
+
+    # (d) The command line in this process: train on 2 devices, evaluate on 4,
+    # and its layout errors (exit code 2, the message on stderr).
+    def cli_main(argv):
+        err = io.StringIO()
+        t = time.perf_counter()
+        with contextlib.redirect_stderr(err):
+            rc = cli.main(argv)
+        out["timings"][" ".join(argv[:1] + argv[-4:])] = round(
+            time.perf_counter() - t, 2
+        )
+        return {"rc": rc, "stderr": err.getvalue()[-2000:]}
+
+    flags = experiment_flags(data_dir)
+    cli_dir = os.path.join(tmp, "cli-2")
+    train_rc = cli_main([*flags, "--workdir", cli_dir, "--devices", "2"])
+    eval_rc = cli_main(["evaluate", "--workdir", cli_dir, "--devices", "4"])
+    with open(os.path.join(cli_dir, "summary.json")) as f:
+        cli_summary = json.load(f)
+    with open(os.path.join(cli_dir, "evaluation.json")) as f:
+        evaluation = json.load(f)
+    six_flags = [*flags, "--particles", "6", "--workdir", os.path.join(tmp, "c6")]
+    out["experiment/cli"] = {
+        "train": train_rc,
+        "evaluate": eval_rc,
+        "summary": [_summary(s1), _summary(cli_summary)],
+        "evaluation": _summary(evaluation),
+        "metrics": _compare_metrics(_metrics(d1), _metrics(cli_dir)),
+        "files": sorted(os.listdir(cli_dir)),
+        "six": cli_main([*six_flags, "--devices", "4"]),
+        "too_many": cli_main([*flags, "--workdir", cli_dir + "x", "--devices", "16"]),
+        "bad_data": cli_main(
+            [*flags, "--workdir", cli_dir + "y", "--devices", "2", "--data", "4"]
+        ),
+    }
+
+
 # Two groups of about equal cost, run as two processes side by side.
 GROUPS = {
     "swarm": {
@@ -537,9 +763,28 @@ def run_process(rank: int, port: int, out_dir: str) -> None:
     jax.distributed.shutdown()
 
 
+def run_experiment(out_dir: str, data_dir: str) -> None:
+    """The ``experiment`` checks on 8 CPU devices; ``experiment.json`` in OUT_DIR."""
+    _setup(8)
+    import jax
+
+    assert jax.device_count() == 8, jax.devices()
+    # The runs compile the same programs again (a _Run per run): cache hits.
+    jax.config.update("jax_compilation_cache_dir", os.path.join(out_dir, "jax_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    out: dict = {"timings": {}}
+    t = time.perf_counter()
+    check_experiment(out, os.path.join(out_dir, "runs"), data_dir)
+    out["timings"]["all"] = round(time.perf_counter() - t, 2)
+    with open(os.path.join(out_dir, "experiment.json"), "w") as f:
+        json.dump(out, f, indent=1)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "checks":
         run_checks(sys.argv[2], sys.argv[3])
+    elif sys.argv[1] == "experiment":
+        run_experiment(sys.argv[2], sys.argv[3])
     elif sys.argv[1] == "process":
         run_process(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
     else:

@@ -42,7 +42,15 @@ def _restore(workdir, cfg, step=None):
 def test_cli_train_then_evaluate(data_dir, tmp_path):
     workdir = tmp_path / "run"
     argv = ["train", "--config", "smoke", "--data-dir", data_dir]
+    argv += ["--patch", "1,4,4", "--inertia", "0.5", "--social", "0.25"]
     assert cli.main([*argv, "--workdir", str(workdir), "--no-progress"]) == 0
+    stored = json.loads((workdir / "config.json").read_text())
+    assert (stored["patch"], stored["inertia"], stored["social"]) == (
+        [1, 4, 4],
+        0.5,
+        0.25,
+    )
+    assert stored["cognitive"] is None  # not given: the variant's default
     summary = json.loads((workdir / "summary.json").read_text())
     for key in (
         "test_accuracy",
@@ -167,6 +175,8 @@ def test_head_only_swarm_keeps_the_backbone_shared(data_dir, tmp_path):
         ({"swarm_over": "head"}, "needs pretrained"),
         ({"learning_rate": -1.0}, "learning_rate=-1.0"),
         ({"bogus": 1}, "bogus"),
+        ({"patch": (2, 0, 4)}, r"patch=\(2, 0, 4\)"),
+        ({"patch": (2, 4)}, r"patch=\(2, 4\)"),
     ],
 )
 def test_bad_configs_name_the_value(override, match):
@@ -177,3 +187,20 @@ def test_bad_configs_name_the_value(override, match):
 def test_cli_train_bad_flag_value_exits_2(capsys):
     assert cli.main(["train", "--config", "smoke", "--local-steps", "-1"]) == 2
     assert "local_steps=-1" in capsys.readouterr().err
+
+
+def test_config_json_round_trip_keeps_tuples(tmp_path):
+    cfg = experiment.get_config("smoke", patch=[1, 2, 2])
+    assert cfg.patch == (1, 2, 2)
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))
+    again = experiment.TrainConfig(**json.loads((tmp_path / "config.json").read_text()))
+    assert again == cfg
+    experiment._check_resume_config(tmp_path, cfg)  # equal: no error
+    with pytest.raises(ValueError, match=r"patch: \[1, 2, 2\] -> \[2, 4, 4\]"):
+        experiment._check_resume_config(tmp_path, experiment.get_config("smoke"))
+
+
+def test_cli_bad_patch_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--config", "smoke", "--patch", "2,x,2"])
+    assert "expected T,H,W" in capsys.readouterr().err

@@ -75,6 +75,15 @@ def test_constriction_equals_inertia_with_chi(key):
     np.testing.assert_allclose(out[0], out[1], rtol=1e-6, atol=1e-6)
 
 
+def test_jit_of_init_with_closed_over_constriction_hparams(key):
+    """The stability check computes chi eagerly, also while init is traced."""
+    opt = pso_jax.pso(
+        lambda x, _: jnp.sum(x**2), num_particles=4, variant="constriction"
+    )
+    jitted = jax.jit(opt.init)(key, jnp.zeros(3))
+    chex.assert_trees_all_close(jitted, opt.init(key, jnp.zeros(3)))
+
+
 def test_cso_known_answer(key):
     """Two particles always pair up; the loser learns from the winner and mean."""
     opt = pso_jax.pso(

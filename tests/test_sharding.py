@@ -20,6 +20,15 @@ Where equality is bitwise, and why not elsewhere:
   and 4 floats, and the model is compiled for 2P/devices + 1 particles per
   device (33 on one device, 5 on eight): XLA:CPU's loops for those sizes round
   some results differently in the last bit. Asserted to 1e-6.
+- Training runs (``experiment.train``, ``pso-jax train``) on 2 and 4 devices:
+  the same last-bit differences (pure PSO state to 1e-6; with gradient steps,
+  Adam turns them into visible differences in biases whose gradient is zero up
+  to rounding, so those runs compare metrics and test results). Two processes
+  of 2 devices equal one process of 4 bit for bit.
+
+The training runs start together in a second module fixture (one process with
+8 devices running ``experiment.train`` and ``pso-jax`` in-process, and two
+``pso-jax train`` processes joined by ``--coordinator``).
 """
 
 from __future__ import annotations
@@ -47,6 +56,8 @@ WORKER = Path(__file__).with_name("sharding_worker.py")
 ROOT = Path(__file__).resolve().parents[1]
 
 TIMEOUT_S = 900
+# The training runs: about 5 min alone on 2 cores, more beside the other workers.
+EXPERIMENT_TIMEOUT_S = 1800
 
 
 def _free_port() -> int:
@@ -80,15 +91,22 @@ def _start_workers(out: Path) -> dict[str, str]:
         )
         for name, args in cmds.items()
     }
+    return _wait_all(procs, TIMEOUT_S)
+
+
+def _wait_all(procs: dict, timeout_s: float, out: Path | None = None) -> dict:
+    """Wait for every process; their failures by name (stdout kept in ``out``)."""
     errors = {}
     for name, proc in procs.items():
         try:
-            _, stderr = proc.communicate(timeout=TIMEOUT_S)
+            stdout, stderr = proc.communicate(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             proc.kill()
-            _, stderr = proc.communicate()
-            errors[name] = f"timed out after {TIMEOUT_S} s\n{stderr[-3000:]}"
+            stdout, stderr = proc.communicate()
+            errors[name] = f"timed out after {timeout_s} s\n{stderr[-3000:]}"
             continue
+        if out is not None:
+            (out / f"{name}.stdout").write_text(stdout)
         if proc.returncode:
             errors[name] = f"exit code {proc.returncode}\n{stderr[-3000:]}"
     return errors
@@ -102,17 +120,26 @@ def runs(tmp_path_factory):
     asks for this fixture: the first one runs the subprocesses, under a file
     lock in the session's shared temporary folder; the others wait and read.
     """
+    return _once_per_session(tmp_path_factory, "sharding-checks", _start_workers)
+
+
+def _once_per_session(tmp_path_factory, name: str, start) -> tuple[Path, dict]:
+    """``start(out) -> errors`` run once per test session (xdist workers share it).
+
+    The first worker runs it under a file lock in the session's shared temporary
+    folder and records the errors; the others wait for the lock and read them.
+    """
     if os.environ.get("PYTEST_XDIST_WORKER"):
         root = tmp_path_factory.getbasetemp().parent  # shared by the session
     else:
-        root = tmp_path_factory.mktemp("sharding")
-    out = root / "sharding-checks"
-    with open(root / "sharding-checks.lock", "w") as lock:
+        root = tmp_path_factory.mktemp(name)
+    out = root / name
+    with open(root / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        done = root / "sharding-checks.json"
+        done = root / f"{name}.json"
         if not done.exists():
             out.mkdir(exist_ok=True)
-            done.write_text(json.dumps(_start_workers(out)))
+            done.write_text(json.dumps(start(out)))
         errors = json.loads(done.read_text())
     return out, errors
 
@@ -241,6 +268,219 @@ def test_two_processes_equal_one(runs, name):
     for a, b, c in zip(two, one, ref, strict=True):
         np.testing.assert_array_equal(a, b)
         assert a.tobytes() == c.tobytes()
+
+
+# -- training runs: experiment.train and pso-jax on several devices ---------------
+
+
+def _start_experiment(out: Path, data_dir: str) -> dict[str, str]:
+    """The experiment worker (8 devices) and two 2-device CLI processes."""
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")
+    }
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    two = {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    port = str(_free_port())
+    flags = worker.experiment_flags(data_dir)
+    cmds = {
+        "experiment": ([str(WORKER), "experiment", str(out), data_dir], env),
+        **{
+            f"cli{rank}": (
+                [
+                    "-m",
+                    "pso_jax.cli",
+                    *flags,
+                    "--workdir",
+                    str(out / "mp"),
+                    "--coordinator",
+                    f"localhost:{port}",
+                    "--num-processes",
+                    "2",
+                    "--process-id",
+                    str(rank),
+                ],
+                two,
+            )
+            for rank in (0, 1)
+        },
+    }
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, *args],
+            env=penv,
+            cwd=out,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name, (args, penv) in cmds.items()
+    }
+    return _wait_all(procs, EXPERIMENT_TIMEOUT_S, out)
+
+
+@pytest.fixture(scope="module")
+def experiment_runs(tmp_path_factory):
+    """The training runs' output folder and failures (once, as ``runs``)."""
+    from pso_jax import experiment
+
+    def start(out: Path) -> dict:
+        # Prepared once here: the three processes would race to build it.
+        data_dir = str(out / "tfds")
+        for split in ("train", "test"):
+            experiment._source(experiment.get_config("smoke", data_dir=data_dir), split)
+        return _start_experiment(out, data_dir)
+
+    return _once_per_session(tmp_path_factory, "experiment-checks", start)
+
+
+def _experiment(experiment_runs, key: str, groups=("experiment",)) -> dict:
+    out, errors = experiment_runs
+    for group in groups:
+        if group in errors:
+            pytest.fail(f"worker {group!r} failed: {errors[group]}")
+    return json.loads((out / "experiment.json").read_text())[key]
+
+
+def _read_checkpoint(directory: Path, step: int) -> list[np.ndarray]:
+    """A checkpoint's arrays (any layout it was saved with) on this one device."""
+    import orbax.checkpoint as ocp
+
+    from pso_jax import checkpoint
+
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    with checkpoint._manager(directory, max_to_keep=None, create=False) as mngr:
+        stored = mngr.item_metadata(step)["state"]
+        target = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), stored
+        )
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(target))
+        state = mngr.restore(step, args=args)["state"]
+    return [np.asarray(x) for x in jax.tree.leaves(state)]
+
+
+def _same_run(ref: dict, got: dict, devices: int, data: int = 1) -> None:
+    """Equal summaries of two runs (test results exactly, the rest to 1e-6)."""
+    assert got.pop("parallel") == {
+        "devices": devices,
+        "data": data,
+        "processes": 1,
+        "swarm_size": 4,
+    }
+    ref.pop("parallel")
+    assert got.pop("best_train_fitness") == pytest.approx(
+        ref.pop("best_train_fitness"), abs=1e-6
+    )
+    assert got == ref
+
+
+@pytest.mark.parametrize(
+    ("name", "devices", "data"),
+    [("pure-4", 4, 1), ("pure-2x2", 4, 2), ("aug-2x2", 4, 2)],
+)
+def test_experiment_train_on_devices_equals_one_device(
+    experiment_runs, name, devices, data
+):
+    r = _experiment(experiment_runs, f"experiment/{name}")
+    _same_run(*r["summary"], devices=devices, data=data)
+    assert r["metrics"]["same_steps"] and r["metrics"]["max_abs_diff"] < 1e-6
+    assert r["state"]["max_abs_diff"] < 1e-6
+
+
+def test_experiment_hybrid_on_4_devices_and_its_restore_onto_2(experiment_runs):
+    r = _experiment(experiment_runs, "experiment/hybrid-4")
+    _same_run(*r["summary"], devices=4)
+    assert r["metrics"]["same_steps"] and r["metrics"]["max_abs_diff"] < 1e-5
+    restore = _experiment(experiment_runs, "experiment/hybrid-restore-2")
+    # Saved on 4 devices, read straight into 2 devices' layout, Adam state too.
+    assert restore == {
+        "restored": {"max_abs_diff": 0.0, "bitwise": True},
+        "opt_state_rows": [2],
+        "devices": 2,
+    }
+
+
+@pytest.mark.parametrize(("name", "devices"), [("resume-2", 2), ("resume-1", 1)])
+def test_experiment_checkpoint_on_4_devices_resumes_on_fewer(
+    experiment_runs, name, devices
+):
+    r = _experiment(experiment_runs, f"experiment/{name}")
+    assert r["interrupted"] == {"interrupted": True, "signal": 15, "steps": 2}
+    assert r["checkpoints"] == [2, 4]
+    _same_run(*r["summary"], devices=devices)
+    assert r["metrics"]["same_steps"] and r["metrics"]["max_abs_diff"] < 1e-6
+    assert r["versus_4"]["max_abs_diff"] < 1e-6  # the uninterrupted 4-device run
+    assert r["state"]["max_abs_diff"] < 1e-6
+
+
+def test_experiment_particles_must_divide_the_devices_or_pad(experiment_runs):
+    r = _experiment(experiment_runs, "experiment/pad")
+    for part in ("particles=6", "valid counts: 4, 8, 12", "--pad", "2 inert"):
+        assert part in r["error"], r["error"]
+    assert r["wrote_nothing"]  # raised before the work directory or a compile
+    s = r["summary"]
+    assert s["particles"] == 6 and s["ensemble_size"] == 6  # top_k=8 clipped
+    assert s["parallel"]["swarm_size"] == r["swarm_rows"] == 8
+    assert r["inert_pbest_fitness"] == [float("inf")] * 2  # never a best
+    # The evaluated ensemble: the 6 real particles' personal bests, best first.
+    assert r["evaluated_fitness"] == r["real_pbest_fitness_sorted"]
+    assert all(np.isfinite(m["mean_fitness"]) for m in r["metrics"])
+    assert all(m["num_nonfinite"] == 0 for m in r["metrics"])
+    # Its checkpoint holds 8 rows: 2 devices (6 particles, no padding) refuse it.
+    assert "holds a swarm of 8 particles" in r["restore_on_2_error"]
+
+
+def test_cli_train_and_evaluate_on_devices(experiment_runs):
+    r = _experiment(experiment_runs, "experiment/cli")
+    assert r["train"]["rc"] == 0 and r["evaluate"]["rc"] == 0, r
+    _same_run(*r["summary"], devices=2)
+    assert r["metrics"]["max_abs_diff"] < 1e-6
+    for name in ("summary.json", "evaluation.json", "confusion.png", "checkpoints"):
+        assert name in r["files"]
+    ev = r["evaluation"]  # evaluated on 4 devices: the run's test results
+    assert ev["test_accuracy"] == r["summary"][1]["test_accuracy"]
+    assert ev["ensemble_test_accuracy"] == r["summary"][1]["ensemble_test_accuracy"]
+    assert ev["parallel"]["devices"] == 4
+    for case, parts in (
+        ("six", ("particles=6", "valid counts: 4, 8, 12", "--pad")),
+        ("too_many", ("devices=16", "only 8 cpu", "xla_force_host_platform")),
+        ("bad_data", ("data=4 does not divide devices=2", "[1, 2]")),
+    ):
+        assert r[case]["rc"] == 2, (case, r[case])
+        for part in parts:
+            assert part in r[case]["stderr"], (case, r[case]["stderr"])
+
+
+def test_cli_two_processes_equal_one_process(experiment_runs):
+    out, _ = experiment_runs
+    _experiment(experiment_runs, "experiment/pure-4", ("experiment", "cli0", "cli1"))
+    one, two = out / "runs" / "pure-4", out / "mp"
+    # Process 0 alone wrote the reports: one record per step, one summary line.
+    assert json.loads((two / "summary.json").read_text())["parallel"] == {
+        "devices": 4,
+        "data": 1,
+        "processes": 2,
+        "swarm_size": 4,
+    }
+    assert (two / "metrics.jsonl").read_text().count('"step": 3,') == 1
+    assert "test accuracy" in (out / "cli0.stdout").read_text()
+    assert "test accuracy" not in (out / "cli1.stdout").read_text()
+
+    def log(workdir):
+        return [
+            {k: v for k, v in json.loads(x).items() if k != "wall_seconds"}
+            for x in (workdir / "metrics.jsonl").read_text().splitlines()
+        ]
+
+    assert log(two) == log(one)
+    # Both processes wrote their shards of the checkpoints: bitwise the same
+    # arrays as one process of 4 devices.
+    for step in (2, 4):
+        a = _read_checkpoint(two / "checkpoints", step)
+        b = _read_checkpoint(one / "checkpoints", step)
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            assert x.tobytes() == y.tobytes()
 
 
 # -- in this process (one device) -------------------------------------------------

@@ -121,6 +121,22 @@ def test_reevaluate_rescores_bests_on_the_current_batch(setup):
     assert float(aged.swarm.pbest_fitness.min()) > -1.0
 
 
+def test_reevaluate_rescores_the_swarm_best_without_personal_bests(setup):
+    """CSO keeps no personal bests: its swarm best is still re-scored."""
+    template, batch = setup
+    tr = train.make_train_step(apply_fn, _opt(variant="cso"), best_refresh="reevaluate")
+    st, _ = tr.step(None, tr.init(jax.random.key(3), template), batch)
+    assert st.swarm.pbest_params is None
+    lucky = st.replace(swarm=st.swarm.replace(best_fitness=jnp.float32(-1.0)))
+    new, metrics = tr.step(None, lucky, batch)
+    rescored = train.cross_entropy(
+        apply_fn(lucky.swarm.best_params, batch["video"]), batch["label"]
+    )
+    want = min(float(rescored), float(metrics.batch_best_fitness))
+    assert float(new.swarm.best_fitness) == pytest.approx(want, rel=1e-5)
+    assert want > 0
+
+
 def test_same_state_same_result_resume(setup):
     """The state's own key drives a step: a restored state repeats exactly."""
     template, batch = setup
