@@ -64,7 +64,7 @@ def now() -> str:
 
 
 def machine_info(**extra: Any) -> dict[str, Any]:
-    """CPU, cores, platform, Python, jax, pso_jax's sources, date, load average.
+    """CPU, cores, accelerator, platform, Python, jax, pso_jax's sources, date, load.
 
     ``extra`` (library versions, device lists...) is added to (or overrides)
     the common fields.
@@ -78,9 +78,26 @@ def machine_info(**extra: Any) -> dict[str, Any]:
         python=platform.python_version(),
         jax=jax.__version__,
         jax_backend=jax.default_backend(),
+        devices=[d.device_kind for d in jax.devices()],
         pso_jax_source=source_fingerprint(),
         date=now(),
         loadavg_start=os.getloadavg(),
     )
     info.update(extra)
     return info
+
+
+def machine_label(info: dict[str, Any]) -> str:
+    """One line naming the machine: its accelerator if jax runs on one, and the CPU.
+
+    >>> machine_label({"cpu_model": "EPYC", "cpu_count": 2, "jax_backend": "cpu"})
+    'EPYC, 2 cores'
+    >>> machine_label({"cpu_model": "Xeon", "cpu_count": 16, "jax_backend": "gpu",
+    ...                "devices": ["NVIDIA H200"]})
+    '1 x NVIDIA H200 (jax gpu), host Xeon, 16 cores'
+    """
+    host = f"{info['cpu_model']}, {info['cpu_count']} cores"
+    if info.get("jax_backend", "cpu") == "cpu":
+        return host
+    kinds = info.get("devices") or ["?"]
+    return f"{len(kinds)} x {kinds[0]} (jax {info['jax_backend']}), host {host}"

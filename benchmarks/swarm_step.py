@@ -1,4 +1,4 @@
-"""Per-iteration time of one PSO step: pso_jax vs evosax, pyswarms and EvoX, this CPU.
+"""Per-iteration time of one PSO step: pso_jax vs evosax, pyswarms and EvoX.
 
 For every cell ``N particles x D dims x fitness`` this measures, in one process:
 
@@ -8,9 +8,11 @@ For every cell ``N particles x D dims x fitness`` this measures, in one process:
   ``--repeats`` calls divided by ``k`` (compile time reported separately);
 - pyswarms' ``GlobalBestPSO`` (numpy float64): ``optimize(iters=k)`` calls, the
   same way, skipping cells projected to take more than ``--pyswarms-max-s``;
-- EvoX's PSO (its PyTorch release, CPU): ``torch.compile(StdWorkflow.step)``
-  called ``k`` times per timed call, as EvoX's documentation runs it, with torch
-  at 2 threads and at 1 thread; the faster is reported (both are in the JSON);
+- EvoX's PSO (its PyTorch release): ``torch.compile(StdWorkflow.step)`` called
+  ``k`` times per timed call, as EvoX's documentation runs it; on the CPU with
+  torch at 2 threads and at 1 thread, the faster reported (both are in the
+  JSON); on a CUDA GPU (``--evox-device``, default: the GPU when torch sees
+  one) with a ``torch.cuda.synchronize()`` closing every timed call;
 - the in-place bandwidth roofline: ``x += a * y`` on float32 ``[N, D]`` arrays
   with ``x`` donated; a step's roofline time is the bytes of x, v and pbest read
   and written (6 * 4 * N * D) at that bandwidth.
@@ -23,6 +25,10 @@ neither); EvoX's PSO always clamps positions and velocities to its bounds, here
 2-core machine, OpenMP's default spin-waiting made EvoX's compiled step up to
 100x slower whenever other processes held a core (measured: 64 x 100 sphere,
 13-29 ms per step spinning vs 0.3 ms passive). JAX and numpy do not use OpenMP.
+
+On a GPU machine jax and evosax run on the GPU, pyswarms (numpy) on the host
+CPU, and EvoX where ``--evox-device`` says. ``benchmarks/device_run.sh`` is the
+command line used there.
 
 Usage::
 
@@ -286,18 +292,29 @@ def bench_pyswarms(fitness_np, n, d, timing):
 EVOX_BOUND = 5.12  # EvoX's PSO needs a box; it clamps x and v to it.
 
 
-def bench_evox(name, n, d, timing):
-    """EvoX PSO (torch, CPU): ``torch.compile(workflow.step)``, k calls per timing.
+def evox_device(choice: str) -> str:
+    """``auto``: ``cuda`` when torch sees a GPU, else ``cpu``."""
+    if choice != "auto":
+        return choice
+    return "cuda" if torch is not None and torch.cuda.is_available() else "cpu"
+
+
+def bench_evox(name, n, d, timing, device="cpu"):
+    """EvoX PSO (torch): ``torch.compile(workflow.step)``, k calls per timing.
 
     EvoX runs one compiled step per Python call (it has no multi-step fused
-    loop), so per-call dispatch is part of its step time. Timed with torch at 2
-    threads (its default here) and at 1; the faster is the result.
+    loop), so per-call dispatch is part of its step time. On the CPU, timed
+    with torch at 2 threads (its default here) and at 1; the faster is the
+    result. On ``cuda`` every timed call ends with a device synchronisation.
     """
     if evox is None:
         return dict(skipped=f"skipped: EvoX not importable ({_EVOX_IMPORT_ERROR})")
     threads_default = torch.get_num_threads()
     torch._dynamo.reset()  # a fresh cache: no recompile limit across cells
     torch.manual_seed(0)  # EvoX draws from torch's global generator
+    # EvoX builds its tensors on torch's default device, as its docs run it.
+    torch.set_default_device(device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else lambda: None
     bound = torch.full((d,), EVOX_BOUND)
     algo = evox.algorithms.PSO(pop_size=n, lb=-bound, ub=bound)
     problem = {
@@ -312,16 +329,20 @@ def bench_evox(name, n, d, timing):
     # personal-best fitness aliases the fitness buffer, which guards check).
     step()
     step()
+    sync()
     compile_s = time.perf_counter() - t0
 
     def call(k):
         t0 = time.perf_counter()
         for _ in range(k):
             step()
+        sync()
         return time.perf_counter() - t0
 
     by_threads = {}
-    for threads in sorted({threads_default, 1}, reverse=True):
+    # Thread counts matter on the CPU only.
+    thread_counts = {threads_default} if device != "cpu" else {threads_default, 1}
+    for threads in sorted(thread_counts, reverse=True):
         torch.set_num_threads(threads)
         call(1)  # warm-up at this thread count
         k = guess_k(n, d, timing)
@@ -343,11 +364,13 @@ def bench_evox(name, n, d, timing):
         threads=int(best),
         by_threads=by_threads,
         compile_s=compile_s,
+        device=device,
         best_fitness=float(alg.global_best_fit),
         max_abs_x=float(alg.pop.abs().max()),
     )
     del workflow, algo, alg
     torch._dynamo.reset()
+    torch.set_default_device("cpu")
     return res
 
 
@@ -381,8 +404,9 @@ def bench_roofline(n, d, timing):
 # --- main ---------------------------------------------------------------------
 
 
-def machine_info():
+def machine_info(evox_device_name="cpu"):
     return _provenance.machine_info(
+        evox_device=evox_device_name,
         evosax=importlib.metadata.version("evosax"),
         pyswarms=pyswarms.__version__,
         evox=None if evox is None else importlib.metadata.version("evox"),
@@ -419,7 +443,8 @@ def _versions(info):
     evox_ = "EvoX not installed"
     if info.get("evox"):
         evox_ = (
-            f"EvoX {info['evox']} (torch {info['torch']}, "
+            f"EvoX {info['evox']} (torch {info['torch']} on "
+            f"{info.get('evox_device', 'cpu')}, "
             f"OMP_WAIT_POLICY={info['omp_wait_policy']})"
         )
     src = info.get("pso_jax_source") or {}
@@ -439,7 +464,7 @@ def write_markdown(path, result):
         "",
         f"Command: `{command}`",
         "",
-        f"Machine: {info['cpu_model']}, {info['cpu_count']} cores; "
+        f"Machine: {_provenance.machine_label(info)}; "
         f"{_versions(info)}; {info['date']}; grid took "
         f"{result['total_s'] / 60:.1f} min. Load average (1/5/15 min) at start "
         f"{_loads(info['loadavg_start'])}, at end {_loads(result['loadavg_end'])} "
@@ -662,11 +687,20 @@ def bench_cell(n, d, name, args, timing, ns_per_elem):
         ps_timing = timing._replace(repeats=min(reps, timing.repeats))
         row["pyswarms"] = bench_pyswarms(NP_FITNESS[name], n, d, ps_timing)
         per = row["pyswarms"]["ms"] * 1e6 / (n * d)
-        # The cost per element of the largest cell so far (cells come in
-        # increasing N*D): small cells' per-call overhead would overestimate it.
+        # The cost per element of the last cell (cells come in increasing N*D
+        # unless --largest-first): small cells' per-call overhead would
+        # overestimate it for larger ones.
         ns_per_elem[name] = per
     gc.collect()
-    row["evox"] = bench_evox(name, n, d, timing)
+    if n in args.evox_ns:
+        try:
+            row["evox"] = bench_evox(name, n, d, timing, args.evox_device)
+        except Exception as e:  # a peer's failure must not lose the other rows
+            row["evox"] = dict(skipped=f"failed: {e!r}"[:300])
+            if torch is not None:
+                torch.set_default_device("cpu")
+    else:
+        row["evox"] = dict(skipped=f"skipped: N={n} not in --evox-ns")
     gc.collect()
     return row
 
@@ -690,6 +724,29 @@ def main(argv=None):
         help="skip pyswarms cells projected to take longer",
     )
     ap.add_argument(
+        "--evox-device",
+        default="auto",
+        help="torch device for EvoX: auto (cuda if torch sees a GPU), cpu, cuda",
+    )
+    ap.add_argument(
+        "--evox-ns",
+        default=None,
+        help="comma-separated N at which EvoX runs (default: every N); its "
+        "torch.compile takes seconds per cell",
+    )
+    ap.add_argument(
+        "--largest-first",
+        action="store_true",
+        help="cells in decreasing D and N (with --time-limit: the largest, "
+        "the headline cells, are measured first)",
+    )
+    ap.add_argument(
+        "--time-limit",
+        type=float,
+        default=None,
+        help="seconds after which no new cell starts; the cells done are written",
+    )
+    ap.add_argument(
         "--replot",
         type=Path,
         default=None,
@@ -705,10 +762,14 @@ def main(argv=None):
     repeats = args.repeats or (3 if args.quick else 5)
     timing = Timing(args.min_call_s, repeats, args.min_steps)
     ns, ds = (QUICK_NS, QUICK_DS) if args.quick else (NS, DS)
+    args.evox_ns = (
+        set(ns) if args.evox_ns is None else {int(v) for v in args.evox_ns.split(",")}
+    )
+    args.evox_device = evox_device(args.evox_device)
     command = "PYTHONPATH=. .venv/bin/python benchmarks/swarm_step.py " + " ".join(
         sys.argv[1:] if argv is None else argv
     )
-    info = machine_info()
+    info = machine_info(args.evox_device)
     print(info, flush=True)
 
     # The machine's memory bandwidth is shared and drifts: read it at the start,
@@ -725,11 +786,20 @@ def main(argv=None):
     rows = []
     ns_per_elem = {}  # pyswarms' cost per N*D element, last cell, per fitness
     t_start = time.perf_counter()
-    for d in ds:
-        for n in ns:
+    run_notes = []
+    order = sorted if not args.largest_first else lambda v: sorted(v, reverse=True)
+    for d in order(ds):
+        for n in order(ns):
             if d == d_roof:
                 read_roofline()
             for name in FITNESSES:
+                elapsed = time.perf_counter() - t_start
+                if args.time_limit is not None and elapsed > args.time_limit:
+                    run_notes.append(
+                        f"N={n} D={d} {name}: not measured (--time-limit "
+                        f"{args.time_limit:.0f} s reached)"
+                    )
+                    continue
                 rows.append(bench_cell(n, d, name, args, timing, ns_per_elem))
                 print(
                     f"[{time.perf_counter() - t_start:6.0f} s] N={n} D={d} {name}: "
@@ -760,8 +830,12 @@ def main(argv=None):
             **timing._asdict(),
             pyswarms_max_s=args.pyswarms_max_s,
             quick=args.quick,
+            evox_ns=sorted(args.evox_ns),
+            time_limit=args.time_limit,
+            largest_first=args.largest_first,
         ),
         roofline=roof,
+        run_notes=run_notes,
         total_s=time.perf_counter() - t_start,
         loadavg_end=os.getloadavg(),
         rows=rows,

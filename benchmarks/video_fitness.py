@@ -1,4 +1,4 @@
-"""Swarm fitness throughput of the reference 3D-conv video models, on this CPU.
+"""Swarm fitness throughput of the reference 3D-conv video models, on this machine.
 
 For every cell ``config x P`` this measures, in one process, the forward pass of
 ``jax.vmap(lambda p, x: model.apply({'params': p}, x), in_axes=(0, None))`` on a
@@ -26,6 +26,12 @@ C_in / groups``), and its ratio to the matmul peak: a jitted float32 2048x2048
 matmul timed just before every timed call, the ratio taken per call and then the
 median (other processes share this machine; per-call ratios cancel slow drifts).
 Compile time is ``lower + compile`` of the jitted function.
+
+On a GPU (jax's default backend) the matmul is ``--matmul-n`` (default 8192)
+square at jax's default float32 precision, which is what the models' dots and
+convolutions use too; every model gets the ``fast``, ``plain-vmap`` and ``xla``
+rows at every P (the CPU's time limits do not apply), and no ``fast+shard_map``
+rows (one device). ``benchmarks/device_run.sh`` is the command line used there.
 
 Usage::
 
@@ -91,13 +97,22 @@ class Row:
     matmul_cores: list[float] = field(default_factory=list)  # CPU time / wall
 
 
-def _rows(config: str, num_particles: int, quick: bool) -> list[tuple[str, str]]:
+def _rows(
+    config: str, num_particles: int, quick: bool, every: bool = False
+) -> list[tuple[str, str]]:
     """(model, variant) pairs measured in one cell.
 
     Every model's ``fast`` row everywhere; baselines where one call stays under
     ~1-3 s (XLA's depthwise convolution makes x3d ``xla`` take ~1 s already at
     P=8 on the small config; c3d ``xla`` at P=32 on the default config ~3 s).
+    ``every``: every model's ``fast``, ``plain-vmap`` and ``xla`` (and the default
+    model's ``conv-stem`` at P=8), for an accelerator.
     """
+    if every:
+        rows = [(m, v) for m in MODELS for v in ("fast", "plain-vmap", "xla")]
+        if num_particles == 8:
+            rows.append((DEFAULT_MODEL, "conv-stem"))
+        return rows
     rows = [(m, "fast") for m in MODELS]
     if config == "small":
         rows += [(m, "plain-vmap") for m in MODELS]
@@ -174,13 +189,21 @@ def _evaluator(model, sharded: bool):
 
 
 def run_cell(
-    config, num_particles, batch, repeats, quick, matmul, rows_override=None
+    config,
+    num_particles,
+    batch,
+    repeats,
+    quick,
+    matmul,
+    rows_override=None,
+    matmul_n=MATMUL_N,
 ) -> list[Row]:
     clip_shape = CONFIGS[config]
     key_params, key_x = jax.random.split(jax.random.key(0))
     x = jax.random.normal(key_x, (batch, *clip_shape), jnp.float32)
     fns, rows, swarms = [], [], {}
-    pairs = rows_override or _rows(config, num_particles, quick)
+    every = jax.default_backend() != "cpu"
+    pairs = rows_override or _rows(config, num_particles, quick, every)
     for name, variant in pairs:
         model = make_model(name, NUM_CLASSES, width=WIDTH, **VARIANTS[variant])
         # Variants with the same parameters (all but conv-stem) share one swarm.
@@ -207,11 +230,11 @@ def run_cell(
         fns.append((compiled, swarm))
         rows.append(row)
         print(f"  compiled {config} P={num_particles} {name} {variant}", flush=True)
-    a = jnp.ones((MATMUL_N, MATMUL_N), jnp.float32)
+    a = jnp.ones((matmul_n, matmul_n), jnp.float32)
     for _ in range(repeats):
         for row, (compiled, swarm) in zip(rows, fns, strict=True):
             cpu0, wall0 = _cpu_seconds(), time.perf_counter()
-            peak = 2 * MATMUL_N**3 / min(_timed(matmul, a) for _ in range(3))
+            peak = 2 * matmul_n**3 / min(_timed(matmul, a) for _ in range(3))
             row.matmul_cores.append(
                 (_cpu_seconds() - cpu0) / (time.perf_counter() - wall0)
             )
@@ -246,13 +269,30 @@ def _cell_table(rows: list[Row], lines: list[str], best_peak: float) -> None:
     lines += [
         "",
         f"Matmul peak during these rows: median {statistics.median(peaks):.0f} "
-        f"GFLOP/s (min {min(peaks):.0f}, max {max(peaks):.0f}); the matmul kept "
-        f"{statistics.median(cores):.2f} cores busy (median; ~1 means another "
-        "process held a core, which halves the peak but not the single-threaded "
-        "convolutions, so per-call ratios read high).",
+        f"GFLOP/s (min {min(peaks):.0f}, max {max(peaks):.0f})"
+        + (
+            f"; the matmul kept {statistics.median(cores):.2f} cores busy (median; "
+            "~1 means another process held a core, which halves the peak but not "
+            "the single-threaded convolutions, so per-call ratios read high)."
+            if jax.default_backend() == "cpu"
+            else "."
+        ),
         "",
     ]
 
+
+NOTES_ACCELERATOR = """## Reading these rows on an accelerator
+
+- The variants were designed on the CPU (see the CPU table,
+  `benchmarks/results/video_fitness.md`): `fast` runs the backbone once per
+  particle in a `lax.map`, which on a GPU serialises P small programs;
+  `plain-vmap` batches all particles into grouped convolutions, and `xla` is
+  `lax.conv_general_dilated` under plain vmap. Which wins here is what these
+  rows measure.
+- The clips are small (B=16 clips of 16x64x64 at most, width 16): one swarm
+  evaluation is a few GFLOP, far too little work to fill the chip at P=8, so
+  the fraction of the matmul peak rises with P.
+"""
 
 NOTES = """## What the variants change, and why it matters on this CPU
 
@@ -396,8 +436,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--host-devices",
         type=int,
-        default=len(os.sched_getaffinity(0)),
-        help="host devices for the fast+shard_map rows (0: skip them)",
+        default=None,
+        help="host devices for the fast+shard_map rows (0: skip them; default: "
+        "one per core on the CPU, 0 on an accelerator)",
+    )
+    parser.add_argument(
+        "--configs",
+        default=None,
+        help=f"comma-separated clip configs of {sorted(CONFIGS)} (default: all; "
+        "--quick: small)",
+    )
+    parser.add_argument(
+        "--time-limit",
+        type=float,
+        default=None,
+        help="seconds after which no new cell starts; the cells done are written",
+    )
+    parser.add_argument(
+        "--matmul-n",
+        type=int,
+        default=None,
+        help=f"side of the float32 peak matmul (default {MATMUL_N} on the CPU, "
+        "8192 on an accelerator)",
     )
     parser.add_argument("--sharded-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -405,21 +465,110 @@ def main(argv: list[str] | None = None) -> None:
         _sharded_worker(args)
         return
     particles = [int(p) for p in args.particles.split(",")]
-    configs = ["small"] if args.quick else list(CONFIGS)
+    on_cpu = jax.default_backend() == "cpu"
+    if args.host_devices is None:
+        args.host_devices = len(os.sched_getaffinity(0)) if on_cpu else 0
+    matmul_n = args.matmul_n or (MATMUL_N if on_cpu else 8192)
+    if args.configs:
+        configs = args.configs.split(",")
+        unknown = sorted(set(configs) - set(CONFIGS))
+        if unknown:
+            parser.error(f"--configs: unknown {unknown}; choose from {sorted(CONFIGS)}")
+    else:
+        configs = ["small"] if args.quick else list(CONFIGS)
     repeats = 2 if args.quick else args.repeats
 
     start = time.perf_counter()
     load_before = os.getloadavg()
     matmul = jax.jit(lambda a: a @ a)
-    jax.block_until_ready(matmul(jnp.ones((MATMUL_N, MATMUL_N))))
-    cells = []
+    jax.block_until_ready(matmul(jnp.ones((matmul_n, matmul_n))))
+
+    def write_report(cells, not_run, partial=False):
+        """The markdown of the cells so far (rewritten after every cell)."""
+        wall = time.perf_counter() - start
+        load_after = os.getloadavg()
+
+        cmd = "PYTHONPATH=. .venv/bin/python " + " ".join(
+            [
+                Path(sys.argv[0]).as_posix(),
+                *(argv if argv is not None else sys.argv[1:]),
+            ]
+        )
+        lines = [
+            "# Video fitness: vmapped 3D-conv models vs the matmul peak",
+            "",
+            f"Command: `{cmd}`",
+            "",
+            f"- Date: {datetime.datetime.now().isoformat(timespec='seconds')}; jax "
+            f"{jax.__version__}; {platform.processor() or platform.machine()}, "
+            f"{os.cpu_count()} cores; devices {jax.devices()}"
+            + ("" if on_cpu else f" ({jax.devices()[0].device_kind})"),
+            f"- Load average before/after: {' '.join(f'{v:.2f}' for v in load_before)}"
+            f" / {' '.join(f'{v:.2f}' for v in load_after)} (shared machine: compare "
+            "ratios within one table, not across runs)",
+            f"- Batch B={args.batch} clips (float32, channels last), width 16, 10 "
+            f"classes; medians over {repeats} timed calls after a compile and a "
+            f"warm-up; total wall time {wall:.0f} s.",
+            "- **% of peak (median)**: achieved GFLOP/s over a jitted f32 "
+            f"{matmul_n}x{matmul_n} matmul (best of 3, jax's default precision) "
+            "timed just before each call, "
+            "median of the per-call ratios. **% of peak (best)**: the fastest call "
+            "over the best matmul of the whole run (robust to other processes "
+            "stealing a core during a matmul, which inflates the per-call ratio). "
+            "**particle evals/s**: P / (time of one swarm evaluation on the B clips). "
+            "**speed-up vs xla**: time of the `xla` row "
+            "(plain vmap, `lax.conv_general_dilated`) over this row's, same P.",
+            f"- Default model: `{DEFAULT_MODEL}` (**bold**: its `fast` row).",
+            "",
+        ]
+        if not_run:
+            lines += [
+                f"Not measured (--time-limit {args.time_limit:.0f} s reached): "
+                + ", ".join(not_run),
+                "",
+            ]
+        best_peak = max(p for _, _, rows in cells for r in rows for p in r.peaks)
+        _summary(cells, best_peak, lines)
+        _model_table(lines)
+        lines += [
+            f"Best matmul peak of the run: {best_peak / 1e9:.0f} GFLOP/s.",
+            "",
+        ]
+        for config in configs:
+            t, h, w, c = CONFIGS[config]
+            lines += [f"## Config `{config}`: clips {t}x{h}x{w}x{c}", ""]
+            for cfg, num_particles, rows in cells:
+                if cfg == config:
+                    lines += [f"### P = {num_particles}", ""]
+                    _cell_table(rows, lines, best_peak)
+        lines.append(NOTES if on_cpu else NOTES_ACCELERATOR)
+        if partial:
+            lines.insert(2, "**Partial: the run was still going.**\n")
+        text = "\n".join(lines)
+        if not partial:
+            print(text)
+        if args.out is not None:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(text)
+
+    cells, not_run = [], []
     for config in configs:
         for num_particles in particles:
+            if args.time_limit and time.perf_counter() - start > args.time_limit:
+                not_run.append(f"{config} P={num_particles}")
+                continue
             print(f"cell {config} P={num_particles}", flush=True)
             rows = run_cell(
-                config, num_particles, args.batch, repeats, args.quick, matmul
+                config,
+                num_particles,
+                args.batch,
+                repeats,
+                args.quick,
+                matmul,
+                matmul_n=matmul_n,
             )
             cells.append((config, num_particles, rows))
+            write_report(cells, not_run, partial=True)
     if args.host_devices > 1:
         print(f"sharded rows on {args.host_devices} host devices", flush=True)
         for row in _run_sharded(args, args.host_devices):
@@ -427,57 +576,8 @@ def main(argv: list[str] | None = None) -> None:
                 if (config, num_particles) == (row.config, row.num_particles):
                     at = sum(r.variant in ("fast", SHARDED) for r in rows)
                     rows.insert(at, row)
-    wall = time.perf_counter() - start
-    load_after = os.getloadavg()
 
-    cmd = "PYTHONPATH=. .venv/bin/python " + " ".join(
-        [Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])]
-    )
-    lines = [
-        "# Video fitness: vmapped 3D-conv models vs the matmul peak",
-        "",
-        f"Command: `{cmd}`",
-        "",
-        f"- Date: {datetime.datetime.now().isoformat(timespec='seconds')}; jax "
-        f"{jax.__version__}; {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores; devices {jax.devices()}",
-        f"- Load average before/after: {' '.join(f'{v:.2f}' for v in load_before)}"
-        f" / {' '.join(f'{v:.2f}' for v in load_after)} (shared machine: compare "
-        "ratios within one table, not across runs)",
-        f"- Batch B={args.batch} clips (float32, channels last), width 16, 10 "
-        f"classes; medians over {repeats} timed calls after a compile and a "
-        f"warm-up; total wall time {wall:.0f} s.",
-        "- **% of peak (median)**: achieved GFLOP/s over a jitted f32 "
-        f"{MATMUL_N}x{MATMUL_N} matmul (best of 3) timed just before each call, "
-        "median of the per-call ratios. **% of peak (best)**: the fastest call "
-        "over the best matmul of the whole run (robust to other processes "
-        "stealing a core during a matmul, which inflates the per-call ratio). "
-        "**particle evals/s**: P / (time of one swarm evaluation on the B clips). "
-        "**speed-up vs xla**: time of the `xla` row "
-        "(plain vmap, `lax.conv_general_dilated`) over this row's, same P.",
-        f"- Default model: `{DEFAULT_MODEL}` (**bold**: its `fast` row).",
-        "",
-    ]
-    best_peak = max(p for _, _, rows in cells for r in rows for p in r.peaks)
-    _summary(cells, best_peak, lines)
-    _model_table(lines)
-    lines += [
-        f"Best matmul peak of the run: {best_peak / 1e9:.0f} GFLOP/s.",
-        "",
-    ]
-    for config in configs:
-        t, h, w, c = CONFIGS[config]
-        lines += [f"## Config `{config}`: clips {t}x{h}x{w}x{c}", ""]
-        for cfg, num_particles, rows in cells:
-            if cfg == config:
-                lines += [f"### P = {num_particles}", ""]
-                _cell_table(rows, lines, best_peak)
-    lines.append(NOTES)
-    text = "\n".join(lines)
-    print(text)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    write_report(cells, not_run)
 
 
 if __name__ == "__main__":

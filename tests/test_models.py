@@ -20,6 +20,7 @@ from pso_jax.models import (
     count_flops,
     depthwise_conv3d,
     flops_per_clip,
+    layers,
     make_model,
     param_count,
     space_to_depth,
@@ -101,8 +102,20 @@ def test_conv3d_matches_xla(ksize, cin, cout):
     chex.assert_trees_all_close(jax.jit(conv3d)(x, kernel), want, atol=1e-4)
 
 
+@pytest.fixture(params=["cpu", "accelerator"])
+def schedule(request, monkeypatch):
+    """The vmap rules' CPU loops, or the plain vmap they take off the CPU.
+
+    The accelerator branch is what a GPU runs; here it is forced on the CPU
+    (it once recursed without end, which only a GPU run found).
+    """
+    if request.param == "accelerator":
+        monkeypatch.setattr(layers, "_on_cpu", lambda: False)
+    return request.param
+
+
 @pytest.mark.parametrize("in_axes", [(0, 0), (None, 0), (0, None)])
-def test_conv3d_vmap_rules_match_loop(in_axes):
+def test_conv3d_vmap_rules_match_loop(in_axes, schedule):
     # (0, 0): one conv per particle; (None, 0): shared input folded into output
     # channels; (0, None): shared kernel folded into the batch.
     kx, kk = jax.random.split(jax.random.key(0))
@@ -143,7 +156,9 @@ def test_conv3d_grad_matches_xla():
 @pytest.mark.parametrize(
     "ksize, x_batched", [((3, 3, 3), True), ((1, 3, 3), True), ((3, 1, 1), False)]
 )
-def test_conv3d_grad_vmapped_over_particles_matches_xla_loop(ksize, x_batched):
+def test_conv3d_grad_vmapped_over_particles_matches_xla_loop(
+    ksize, x_batched, schedule
+):
     # Under vmap over particles the backward pass takes the per-particle rules
     # (flipped-kernel convolution, shifted matmuls); compare with XLA's own
     # gradients particle by particle.
@@ -166,7 +181,7 @@ def test_conv3d_grad_vmapped_over_particles_matches_xla_loop(ksize, x_batched):
         chex.assert_trees_all_close((got[0][p], got[1][p]), want, atol=2e-3)
 
 
-def test_model_grads_vmapped_over_particles_match_loop(clips):
+def test_model_grads_vmapped_over_particles_match_loop(clips, schedule):
     model = make_model("r2plus1d", num_classes=4, width=8)
     keys = jax.random.split(jax.random.key(3), 2)
     swarm = jax.vmap(lambda k: model.init(k, clips)["params"])(keys)

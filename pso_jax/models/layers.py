@@ -193,8 +193,11 @@ def _kernel_grad(x, g, shape):
         # Per-particle matmuls in a loop beat one batched dot of odd layout on
         # CPU (as for the forward convolution).
         if not _on_cpu():
+            # vmap of the plain function: vmapping ``grad`` would call this rule
+            # again, without end.
             in_axes = tuple(0 if b else None for b in in_batched)
-            return jax.vmap(grad, in_axes=in_axes)(x, g), True
+            plain = functools.partial(_kernel_grad_impl, shape=shape)
+            return jax.vmap(plain, in_axes=in_axes)(x, g), True
         x, g = (
             a if b else jnp.broadcast_to(a, (axis_size, *a.shape))
             for a, b in zip((x, g), in_batched, strict=True)
