@@ -32,8 +32,8 @@ $(VENV)/.bench-installed: $(STAMP)
 
 # `make bench`: every benchmark at full size, results in benchmarks/results/ (hours
 # on the shared 2-core machine: see benchmarks/README.md). `make bench-quick`:
-# reduced grids in benchmarks/results/quick/ (20 min at a load average of 6-9,
-# less on a quiet machine). Each script also runs alone, e.g.
+# reduced grids in benchmarks/results/quick/ (9 min on an idle machine, more
+# under load). Each script also runs alone, e.g.
 # `make bench-search-quality`, or `make bench-search-quality QUICK=1`.
 RESULTS = benchmarks/results$(if $(QUICK),/quick)
 QUICK_FLAG = $(if $(QUICK),--quick)

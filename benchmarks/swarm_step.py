@@ -345,7 +345,9 @@ def bench_evox(name, n, d, timing, device="cpu"):
     for threads in sorted(thread_counts, reverse=True):
         torch.set_num_threads(threads)
         call(1)  # warm-up at this thread count
-        k = guess_k(n, d, timing)
+        # From one step up, like pyswarms: jax's cost model (guess_k) would
+        # have this Python loop run ~2e4 steps (10 s) per call at D = 10.
+        k = 1
         t = call(k)
         while t < timing.min_call_s:
             k = math.ceil(k * 1.3 * timing.min_call_s / max(t, 1e-5))
