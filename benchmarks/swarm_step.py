@@ -570,10 +570,16 @@ def write_markdown(path, result):
         f"to [-{EVOX_BOUND}, {EVOX_BOUND}]), its own `Sphere`/`Rastrigin` "
         "problems, `StdWorkflow`, `torch.compile(workflow.step)` called k times "
         "per timed call (EvoX has no fused multi-step loop, so Python dispatch "
-        "is part of its step). The faster of torch at 2 threads and at 1 is "
-        "reported; `OMP_WAIT_POLICY=PASSIVE` (with OpenMP's default spinning, "
-        "the compiled step was up to 100x slower whenever another process held "
-        "a core of this shared machine).",
+        "is part of its step). "
+        + (
+            "The faster of torch at 2 threads and at 1 is reported; "
+            "`OMP_WAIT_POLICY=PASSIVE` (with OpenMP's default spinning, the "
+            "compiled step was up to 100x slower whenever another process held "
+            "a core of this shared machine)."
+            if info.get("evox_device", "cpu") == "cpu"
+            else f"On `{info['evox_device']}`, each timed call ending with a "
+            "device synchronisation."
+        ),
         "- Compile times, k (steps per timed call) and every call's time are in "
         "the JSON file next to this one; plots: `swarm_step.png` (time per "
         "iteration vs N·D, with the roofline) and `swarm_step_ratio.png` (peer "
@@ -728,6 +734,7 @@ def main(argv=None):
     ap.add_argument(
         "--evox-device",
         default="auto",
+        choices=("auto", "cpu", "cuda"),
         help="torch device for EvoX: auto (cuda if torch sees a GPU), cpu, cuda",
     )
     ap.add_argument(

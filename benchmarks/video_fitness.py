@@ -284,11 +284,12 @@ def _cell_table(rows: list[Row], lines: list[str], best_peak: float) -> None:
 NOTES_ACCELERATOR = """## Reading these rows on an accelerator
 
 - The variants were designed on the CPU (see the CPU table,
-  `benchmarks/results/video_fitness.md`): `fast` runs the backbone once per
-  particle in a `lax.map`, which on a GPU serialises P small programs;
-  `plain-vmap` batches all particles into grouped convolutions, and `xla` is
-  `lax.conv_general_dilated` under plain vmap. Which wins here is what these
-  rows measure.
+  `benchmarks/results/video_fitness.md`). Off the CPU the per-particle loops
+  of `fast` fall back to plain vmap (`pso_jax.models.layers`), so `fast` and
+  `plain-vmap` run the same program: each 3D convolution lowered to 2D
+  convolutions over frames (`impl="fast"`), batched over particles. `xla` is
+  `lax.conv_general_dilated`'s 3D convolution under plain vmap. Which
+  lowering wins here is what these rows measure.
 - The clips are small (B=16 clips of 16x64x64 at most, width 16): one swarm
   evaluation is a few GFLOP, far too little work to fill the chip at P=8, so
   the fraction of the matmul peak rises with P.
