@@ -261,9 +261,7 @@ def main(argv=None) -> int:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     info = _provenance.machine_info()
-    command = "PYTHONPATH=. python benchmarks/" + " ".join(
-        [os.path.basename(__file__), *sys.argv[1:]]
-    )
+    command = _provenance.command_line("learning_curves.py", argv)
     base = {"data_dir": args.data_dir, "steps_per_call": 5, "checkpoint_every": 0}
     runs = {
         "pure PSO (k=0)": {**base, "local_steps": 0},

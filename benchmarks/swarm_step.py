@@ -796,14 +796,17 @@ def main(argv=None):
     ns_per_elem = {}  # pyswarms' cost per N*D element, last cell, per fitness
     t_start = time.perf_counter()
     run_notes = []
-    order = sorted if not args.largest_first else lambda v: sorted(v, reverse=True)
-    for d in order(ds):
-        for n in order(ns):
-            if d == d_roof:
+
+    def timed_out():
+        elapsed = time.perf_counter() - t_start
+        return args.time_limit is not None and elapsed > args.time_limit
+
+    for d in sorted(ds, reverse=args.largest_first):
+        for n in sorted(ns, reverse=args.largest_first):
+            if d == d_roof and not timed_out():
                 read_roofline()
             for name in FITNESSES:
-                elapsed = time.perf_counter() - t_start
-                if args.time_limit is not None and elapsed > args.time_limit:
+                if timed_out():
                     run_notes.append(
                         f"N={n} D={d} {name}: not measured (--time-limit "
                         f"{args.time_limit:.0f} s reached)"

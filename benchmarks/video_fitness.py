@@ -43,10 +43,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -54,6 +52,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import _provenance  # benchmarks/_provenance.py (this folder is on sys.path)
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -484,26 +483,20 @@ def main(argv: list[str] | None = None) -> None:
     matmul = jax.jit(lambda a: a @ a)
     jax.block_until_ready(matmul(jnp.ones((matmul_n, matmul_n))))
 
+    cmd = _provenance.command_line("video_fitness.py", argv)
+    info = _provenance.machine_info()
+
     def write_report(cells, not_run, partial=False):
         """The markdown of the cells so far (rewritten after every cell)."""
         wall = time.perf_counter() - start
         load_after = os.getloadavg()
-
-        cmd = "PYTHONPATH=. .venv/bin/python " + " ".join(
-            [
-                Path(sys.argv[0]).as_posix(),
-                *(argv if argv is not None else sys.argv[1:]),
-            ]
-        )
         lines = [
             "# Video fitness: vmapped 3D-conv models vs the matmul peak",
             "",
             f"Command: `{cmd}`",
             "",
-            f"- Date: {datetime.datetime.now().isoformat(timespec='seconds')}; jax "
-            f"{jax.__version__}; {platform.processor() or platform.machine()}, "
-            f"{os.cpu_count()} cores; devices {jax.devices()}"
-            + ("" if on_cpu else f" ({jax.devices()[0].device_kind})"),
+            f"- Date: {info['date']}; jax {info['jax']}; "
+            f"{_provenance.machine_label(info)}; devices {jax.devices()}",
             f"- Load average before/after: {' '.join(f'{v:.2f}' for v in load_before)}"
             f" / {' '.join(f'{v:.2f}' for v in load_after)} (shared machine: compare "
             "ratios within one table, not across runs)",

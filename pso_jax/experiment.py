@@ -334,9 +334,11 @@ class Parallelism:
             raise ValueError(
                 f"devices={self.devices!r}: must be None, 0 (all) or an int >= 1"
             )
-        if isinstance(self.data, bool) or not isinstance(self.data, int):
-            raise ValueError(f"data={self.data!r}: must be an int >= 1")
-        if self.data < 1:
+        if (
+            isinstance(self.data, bool)
+            or not isinstance(self.data, int)
+            or self.data < 1
+        ):
             raise ValueError(f"data={self.data!r}: must be an int >= 1")
 
     def num_devices(self) -> int:
@@ -609,17 +611,14 @@ class _Run:
             from jax.sharding import NamedSharding
             from jax.sharding import PartitionSpec as P
 
-            sign = -1.0 if self.trainer.maximize else 1.0
+            from pso_jax.train import top_particles
+
+            maximize = self.trainer.maximize
 
             def top(swarm, k):
-                params = swarm.pbest_params
-                if params is None:
-                    params = swarm.positions
-                fit = swarm.pbest_fitness
-                score = jnp.where(jnp.isfinite(fit), sign * fit, jnp.inf)
-                rows = jnp.argsort(score)[:k]  # padding scores inf: ranked last
-                picked = jax.tree.map(lambda a: a[rows], params)
-                return picked, fit[rows], swarm.best_params, swarm.frozen_params
+                # Padding never gets a finite fitness: it ranks last.
+                picked, fit = top_particles(swarm, k, maximize)
+                return picked, fit, swarm.best_params, swarm.frozen_params
 
             replicated = NamedSharding(self.mesh, P())
             self._top = jax.jit(top, static_argnums=1, out_shardings=replicated)

@@ -366,6 +366,19 @@ def _result(cm) -> EvalResult:
     )
 
 
+def top_particles(swarm, k: int, maximize: bool) -> tuple[Any, jax.Array]:
+    """The ``k`` particles with the best personal-best fitness, best first.
+
+    Their personal-best parameters (the positions for a variant without
+    personal bests) and fitness; non-finite fitness ranks last.
+    """
+    sign = -1.0 if maximize else 1.0
+    source = swarm.pbest_params if swarm.pbest_params is not None else swarm.positions
+    fit = swarm.pbest_fitness
+    rows = jnp.argsort(jnp.where(jnp.isfinite(fit), sign * fit, jnp.inf))[:k]
+    return jax.tree.map(lambda a: a[rows], source), fit[rows]
+
+
 def evaluate(
     trainer: Trainer,
     state: TrainState,
@@ -392,16 +405,9 @@ def evaluate(
       ``(best, ensemble)`` :class:`EvalResult` s.
     """
     swarm = state.swarm
-    P = swarm.fitness.shape[0]
-    k = max(1, min(top_k, P))
-    sign = -1.0 if trainer.maximize else 1.0
-    source = swarm.pbest_params if swarm.pbest_params is not None else swarm.positions
-    score = jnp.where(
-        jnp.isfinite(swarm.pbest_fitness), sign * swarm.pbest_fitness, jnp.inf
-    )
-    top = jnp.argsort(score)[:k]
+    k = max(1, min(top_k, swarm.fitness.shape[0]))
     best = jax.tree.map(lambda b: b[None], swarm.best_params)
-    ens = jax.tree.map(lambda a: a[top], source)
+    ens, _ = top_particles(swarm, k, trainer.maximize)
 
     cm_b = jnp.zeros((num_classes, num_classes), jnp.int32)
     cm_e = cm_b
