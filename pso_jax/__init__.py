@@ -5,7 +5,7 @@ swarm is a pytree with a leading particle axis, and optimizers are pairs of pure
 functions, ``init`` and ``step``, in the manner of optax and blackjax.
 """
 
-from pso_jax import objectives, sharding
+from pso_jax import fitness, objectives, sharding
 from pso_jax.base import StepInfo, SwarmOptimizer
 from pso_jax.bounds import BOUND_HANDLERS
 from pso_jax.minimize import (
@@ -15,6 +15,7 @@ from pso_jax.minimize import (
     RunInfo,
     minimize,
     run,
+    scan_chunks,
     scan_steps,
     step_key,
 )
@@ -24,7 +25,7 @@ from pso_jax.pso import (
     PSOConfig,
     PSOHyperParams,
     PSOState,
-    best_params,
+    best_solution,
     pso,
     validate_hparams,
 )
@@ -61,9 +62,10 @@ __all__ = [
     "ShardedSwarmOptimizer",
     "StepInfo",
     "SwarmOptimizer",
-    "best_params",
+    "best_solution",
     "constriction_factor",
     "evaluate",
+    "fitness",
     "in_stability_region",
     "initialize_distributed",
     "make_mesh",
@@ -72,6 +74,7 @@ __all__ = [
     "objectives",
     "pso",
     "run",
+    "scan_chunks",
     "scan_steps",
     "sharding",
     "step_key",

@@ -5,8 +5,26 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import jax
+from flax import struct
 
 from pso_jax.types import InitFn, StepFn, TellFn
+
+PARTICLE_AXIS_FIELD = "particle_axis"  # field metadata: a leading particle axis
+SUBSTATE_FIELD = "substate"  # field metadata: a nested state of this type
+
+
+def particle_field(**kwargs: Any) -> Any:
+    """A state field whose leaves have a leading particle axis ``P``.
+
+    Sharded swarms split such leaves over the devices of the particle axis
+    (:func:`pso_jax.sharding.state_specs`); other fields are swarm-wide.
+    """
+    return struct.field(metadata={PARTICLE_AXIS_FIELD: True}, **kwargs)
+
+
+def substate_field(state_type: type, **kwargs: Any) -> Any:
+    """A state field holding another state (whose own fields say their layout)."""
+    return struct.field(metadata={SUBSTATE_FIELD: state_type}, **kwargs)
 
 
 class StepInfo(NamedTuple):
@@ -49,6 +67,10 @@ class SwarmOptimizer(NamedTuple):
         the positions returned by ``ask``.
       ask: ``ask(state) -> params``: the full parameters of every particle
         (``[P, ...]`` leaves; frozen leaves are broadcast, not stored).
+      rescore: ``rescore(state, pbest_fitness, best_fitness) -> state``: the
+        personal and swarm bests' fitness measured again (``[P]`` and ``()``),
+        e.g. on a new minibatch, so that a best scored on one lucky batch does
+        not hold the swarm; bests not yet found keep the worst value.
       default_hparams: a ``PSOHyperParams`` with the variant's defaults.
       num_particles: static swarm size ``P``.
       config: the static configuration, for inspection and checkpoints.
@@ -58,6 +80,7 @@ class SwarmOptimizer(NamedTuple):
     step: StepFn
     tell: TellFn
     ask: Any
+    rescore: Any
     default_hparams: Any
     num_particles: int
     config: Any

@@ -16,7 +16,13 @@ are never touched.
 
 from __future__ import annotations
 
+from typing import Any
+
+import jax
 import jax.numpy as jnp
+import numpy as np
+
+from pso_jax.tree_utils import leaf_paths, partition
 
 BOUND_HANDLERS = ("clip", "reflect", "periodic", "resample")
 
@@ -53,3 +59,144 @@ def apply(handling: str, x, v, low, high, u=None):
         fresh = low + u * (high - low)
         return jnp.where(out, fresh, x), jnp.where(out, jnp.zeros_like(v), v)
     raise ValueError(f"bound_handling={handling!r}: expected one of {BOUND_HANDLERS}")
+
+
+def check_pair(bounds: Any) -> None:
+    """Check the ``(low, high)`` pair; scalar bounds are checked in full.
+
+    Raises:
+      ValueError: not a pair, or scalar ``low >= high``.
+
+    >>> check_pair((1.0, 0.0))
+    Traceback (most recent call last):
+    ...
+    ValueError: bounds: low must be < high, got low=1.0, high=0.0
+    """
+    if not (isinstance(bounds, tuple | list) and len(bounds) == 2):
+        raise ValueError(f"bounds must be a (low, high) pair, got {bounds!r}")
+    lo, hi = bounds
+    if (
+        lo is not None
+        and hi is not None
+        and _is_scalar(lo)
+        and _is_scalar(hi)
+        and not float(lo) < float(hi)
+    ):
+        raise ValueError(f"bounds: low must be < high, got low={lo}, high={hi}")
+
+
+def _is_scalar(b) -> bool:
+    return np.ndim(b) == 0 and not isinstance(b, dict | list | tuple)
+
+
+def check_handling(handling: Any) -> None:
+    """Raise a ``ValueError`` unless every name in ``handling`` is a handler."""
+    for h in [handling] if isinstance(handling, str) else jax.tree.leaves(handling):
+        if h not in BOUND_HANDLERS:
+            raise ValueError(f"bound_handling={h!r}: expected one of {BOUND_HANDLERS}")
+
+
+def handler_tree(handling: str | Any, swarmed: Any) -> Any:
+    """A per-leaf tree of handler names over ``swarmed`` (``None`` where frozen).
+
+    Names are static: the tree is built while tracing, never stored in a state.
+    """
+    if isinstance(handling, str):
+        return jax.tree.map(lambda _: handling, swarmed)
+    return jax.tree.map(
+        lambda t, h: None if t is None else h, swarmed, handling, is_leaf=_is_none
+    )
+
+
+def _is_none(x) -> bool:
+    return x is None
+
+
+def normalize(bounds: Any, template: Any, mask_tree: Any) -> tuple[Any, Any]:
+    """Per swarmed leaf ``(low, high)`` arrays, or ``None`` for unbounded leaves.
+
+    Args:
+      bounds: ``None`` or a ``(low, high)`` pair of scalars or of pytrees of
+        ``template``'s structure (``None`` leaves are unbounded).
+      template: one particle's parameters.
+      mask_tree: the bool swarm mask of ``template``'s structure.
+
+    Returns:
+      Two trees of the *swarmed* structure (``None`` at frozen leaves too).
+
+    Raises:
+      ValueError: naming the leaf, for bounds that do not match the parameters,
+        are not finite, or have ``low >= high``.
+    """
+    full_def = jax.tree.structure(template)
+    n = full_def.num_leaves
+    if bounds is None:
+        lows = highs = [None] * n
+    else:
+        check_pair(bounds)
+
+        def per_leaf(b, which):
+            if b is None or _is_scalar(b):
+                return [b] * n  # one value for every leaf
+            try:
+                return full_def.flatten_up_to(b)
+            except (ValueError, TypeError):
+                raise ValueError(
+                    f"bounds {which} has structure {jax.tree.structure(b)}, which "
+                    f"does not match the parameters' {full_def}"
+                ) from None
+
+        lows, highs = per_leaf(bounds[0], "low"), per_leaf(bounds[1], "high")
+    masks = jax.tree.leaves(mask_tree)
+    pairs = [
+        _leaf_bounds(path, t, lo, hi) if m else (None, None)
+        for path, t, lo, hi, m in zip(
+            leaf_paths(template),
+            jax.tree.leaves(template),
+            lows,
+            highs,
+            masks,
+            strict=True,
+        )
+    ]
+    swarmed_def = jax.tree.structure(partition(template, mask_tree)[0])
+    # Keep only the swarmed positions; None (unbounded) leaves stay None.
+    kept = [pair for pair, m in zip(pairs, masks, strict=True) if m]
+    return (
+        swarmed_def.unflatten([lo for lo, _ in kept]),
+        swarmed_def.unflatten([hi for _, hi in kept]),
+    )
+
+
+def _leaf_bounds(path: str, t, lo, hi):
+    """One leaf's checked ``(low, high)`` in its dtype, or ``(None, None)``."""
+    if lo is None and hi is None:
+        return None, None
+    if lo is None or hi is None:
+        raise ValueError(f"bounds for leaf {path}: give both low and high")
+    lo_a = np.asarray(lo, dtype=np.float64)
+    hi_a = np.asarray(hi, dtype=np.float64)
+    try:
+        shape = np.broadcast_shapes(lo_a.shape, hi_a.shape, np.shape(t))
+    except ValueError:
+        shape = None
+    if shape != np.shape(t):
+        raise ValueError(
+            f"bounds for leaf {path}: shapes {lo_a.shape} and {hi_a.shape} do "
+            f"not broadcast to the leaf's shape {np.shape(t)}"
+        )
+    if not (np.all(np.isfinite(lo_a)) and np.all(np.isfinite(hi_a))):
+        raise ValueError(
+            f"bounds for leaf {path} must be finite (use None for an unbounded "
+            f"leaf), got low={lo_a.min()}, high={hi_a.max()}"
+        )
+    lo_b, hi_b = np.broadcast_arrays(lo_a, hi_a)
+    bad = lo_b >= hi_b
+    if np.any(bad):
+        i = tuple(int(j) for j in np.unravel_index(np.argmax(bad), bad.shape))
+        raise ValueError(
+            f"bounds for leaf {path}: low must be < high, got low={lo_b[i]} >= "
+            f"high={hi_b[i]} at index {i}"
+        )
+    dtype = jnp.result_type(t)
+    return jnp.asarray(lo_a, dtype), jnp.asarray(hi_a, dtype)

@@ -30,7 +30,24 @@ import sys
 import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
+
+from pso_jax import experiment, objectives, sharding
+from pso_jax.checkpoint import CheckpointError
+from pso_jax.minimize import scan_chunks
+from pso_jax.models import MODELS, STEMS
+from pso_jax.pso import VARIANTS, pso
 from pso_jax.topology import TOPOLOGIES
+from pso_jax.train import BEST_REFRESH, FITNESS_FNS
 
 
 def _positive_int(text: str) -> int:
@@ -133,8 +150,6 @@ def _start_processes(args, command: str):
     Called before anything initialises JAX's backend (``jax.distributed``
     requires it). Returns ``None`` after printing the error for a bad value.
     """
-    from pso_jax import experiment, sharding
-
     try:
         sharding.initialize_distributed(
             args.coordinator,
@@ -152,14 +167,10 @@ def _start_processes(args, command: str):
 
 
 def _is_main_process() -> bool:
-    import jax
-
     return jax.process_index() == 0
 
 
 def _add_swarm_args(p: argparse.ArgumentParser) -> None:
-    from pso_jax.pso import VARIANTS
-
     p.add_argument("--objective", default="rastrigin", help="a pso_jax.objectives name")
     p.add_argument("--dims", type=_positive_int, default=10, help="problem dimension")
     p.add_argument("--shift", action="store_true", help="shift the optimum (CEC)")
@@ -174,14 +185,6 @@ def _add_swarm_args(p: argparse.ArgumentParser) -> None:
 
 def _run_swarm(args, variant: str, progress, task, log) -> dict:
     """Run one swarm in chunks of jitted ``lax.scan`` steps; return its record."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    from pso_jax import objectives
-    from pso_jax.minimize import scan_steps
-    from pso_jax.pso import pso
-
     key = jax.random.key(args.seed)
     key_problem, key_swarm = jax.random.split(key)
     problem = objectives.make_problem(
@@ -199,36 +202,24 @@ def _run_swarm(args, variant: str, progress, task, log) -> dict:
         bounds=problem.bounds,
     )
     hp = opt.default_hparams
-    state = jax.jit(opt.init)(key_swarm, jnp.zeros(args.dims, jnp.float32), hp)
-    chunk = min(50, args.steps)
-
-    def advance(st, n):
-        return scan_steps(key_swarm, opt, st, hp, n)
-
-    run_chunk = jax.jit(advance, static_argnums=1, donate_argnums=0)
+    state0 = jax.jit(opt.init)(key_swarm, jnp.zeros(args.dims, jnp.float32), hp)
     history: list[float] = []
     start = time.perf_counter()
-    done = 0
-    while done < args.steps:
-        n = min(chunk, args.steps - done)
-        state, infos = run_chunk(state, n)
-        best = np.asarray(infos.best_fitness)  # one host sync per chunk
-        mean = np.asarray(infos.mean_fitness)
-        for i in range(n):
-            log.write(
-                json.dumps(
-                    {
-                        "variant": variant,
-                        "step": done + i + 1,
-                        "best_fitness": float(best[i]),
-                        "mean_fitness": float(mean[i]),
-                    }
-                )
-                + "\n"
-            )
-            history.append(float(best[i]))
-        done += n
-        progress.update(task, advance=n, best=f"{best[-1]:.4g}")
+    state, done = state0, 0
+    # One host sync per chunk of 50 steps: the infos arrive as numpy arrays.
+    for chunk in scan_chunks(key_swarm, opt, state0, hp, args.steps):
+        state, infos, done = chunk
+        best, mean = infos.best_fitness, infos.mean_fitness
+        for b, m in zip(best, mean, strict=True):
+            history.append(float(b))
+            record = {
+                "variant": variant,
+                "step": len(history),
+                "best_fitness": float(b),
+                "mean_fitness": float(m),
+            }
+            log.write(json.dumps(record) + "\n")
+        progress.update(task, advance=len(best), best=f"{best[-1]:.4g}")
     wall = time.perf_counter() - start
     return {
         "variant": variant,
@@ -242,20 +233,11 @@ def _run_swarm(args, variant: str, progress, task, log) -> dict:
 
 
 def _minimize_cmd(args, variants: list[str]) -> int:
+    # matplotlib (~0.4 s) is imported here, not at the top, to keep `--help` fast.
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
-    from pso_jax import objectives
 
     try:
         objectives.get(args.objective)
@@ -314,16 +296,11 @@ def _minimize_cmd(args, variants: list[str]) -> int:
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    from pso_jax.experiment import CONFIGS
-    from pso_jax.models import MODELS, STEMS
-    from pso_jax.pso import VARIANTS
-    from pso_jax.train import BEST_REFRESH, FITNESS_FNS
-
     g = p.add_argument_group("run")
     g.add_argument(
         "--config",
         default="demo",
-        choices=sorted(CONFIGS),
+        choices=sorted(experiment.CONFIGS),
         help="preset (default: %(default)s); the flags below override its fields",
     )
     g.add_argument("--workdir", type=Path, default=None, help="default: <config>_out")
@@ -383,9 +360,6 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def _train_cmd(args) -> int:
-    from pso_jax import experiment
-    from pso_jax.checkpoint import CheckpointError
-
     parallel = _start_processes(args, "train")
     if parallel is None:
         return 2
@@ -428,9 +402,6 @@ def _train_cmd(args) -> int:
 
 
 def _evaluate_cmd(args) -> int:
-    from pso_jax import experiment
-    from pso_jax.checkpoint import CheckpointError
-
     parallel = _start_processes(args, "evaluate")
     if parallel is None:
         return 2
@@ -517,8 +488,6 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         workdir=args.workdir,
     )
-    from pso_jax.pso import VARIANTS
-
     return _minimize_cmd(demo, list(VARIANTS))
 
 

@@ -25,8 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pso_jax import fitness as fitness_lib
 from pso_jax.base import SwarmOptimizer
-from pso_jax.pso import PSOState, best_params, pso
+from pso_jax.pso import PSOState, best_solution, pso
 from pso_jax.types import PRNGKey, PyTree
 
 STOP_REASONS = ("max_steps", "target", "stall")
@@ -165,7 +166,7 @@ def run(
     ftol = jnp.float32(ftol)
 
     def score(f):
-        return jnp.where(jnp.isnan(f), jnp.inf, sign * f)
+        return fitness_lib.score(f, maximize)
 
     def cond(carry):
         _, i, stall, _, reason = carry
@@ -357,7 +358,7 @@ def minimize(
         hist = np.asarray(info.history[:n])
         f_run = float(state.best_fitness)
         if sign * f_run < sign * best_fit or best is None:
-            best, best_fit = best_params(state), f_run
+            best, best_fit = best_solution(state), f_run
         history.append(hist)
         steps_done += n
         steps_left -= n
@@ -381,3 +382,75 @@ def minimize(
         stop_reason=reason,
         state=state,
     )
+
+
+def scan_chunks(
+    key: PRNGKey,
+    optimizer: SwarmOptimizer,
+    state: PSOState,
+    hparams: Any,
+    num_steps: int,
+    *,
+    chunk: int = 50,
+    batch: Any = None,
+):
+    """Run ``num_steps`` steps as jitted :func:`scan_steps` chunks, yielding each.
+
+    A host loop over device loops, for logging and progress bars: every chunk of
+    at most ``chunk`` steps is one jitted ``lax.scan`` call that donates the
+    incoming state's buffers, followed by one host sync (the chunk's infos
+    copied to the host). Step ``i`` uses :func:`step_key`'s key as everywhere,
+    so the trajectory is that of one :func:`scan_steps` over ``num_steps``,
+    whatever ``chunk`` is.
+
+    Args:
+      key: the run's key; each step derives its own from it and the step count.
+      optimizer: a swarm optimizer, e.g. from :func:`pso_jax.pso`.
+      state: the initial state. Its buffers are donated to the first chunk: do
+        not use it afterwards.
+      hparams: the optimizer's hyperparameters (``optimizer.default_hparams``);
+        an argument of the jitted call, not a constant compiled into it.
+      num_steps: steps in all (0: nothing is yielded).
+      chunk: the most steps per jitted call. Each distinct chunk length
+        compiles once per call of ``scan_chunks``: at most twice (the last
+        chunk may be shorter).
+      batch: the fitness function's batch, the same at every step.
+
+    Yields:
+      ``(state, infos, steps_done)`` after each chunk: the state after
+      ``steps_done`` steps (on the device, and donated to the next chunk: use or
+      copy it before resuming the generator), and the chunk's stacked
+      :class:`~pso_jax.base.StepInfo` as host numpy arrays (leading axis: the
+      chunk's steps).
+
+    Raises:
+      ValueError: for ``chunk < 1`` or ``num_steps < 0`` (on the first
+        ``next``, as for any generator).
+
+    >>> import jax, jax.numpy as jnp
+    >>> from pso_jax.pso import pso
+    >>> opt = pso(lambda x, _: jnp.sum(x**2), num_particles=8, bounds=(-1.0, 1.0))
+    >>> hp = opt.default_hparams
+    >>> state = opt.init(jax.random.key(0), jnp.zeros(3), hp)
+    >>> for state, infos, done in scan_chunks(jax.random.key(1), opt, state, hp, 120):
+    ...     print(done, infos.best_fitness.shape)
+    50 (50,)
+    100 (50,)
+    120 (20,)
+    """
+    if chunk < 1:
+        raise ValueError(f"chunk={chunk!r}: must be >= 1")
+    if num_steps < 0:
+        raise ValueError(f"num_steps={num_steps!r}: must be >= 0")
+
+    def advance(key, state, hparams, batch, n):
+        return scan_steps(key, optimizer, state, hparams, n, batch)
+
+    run_chunk = jax.jit(advance, static_argnums=4, donate_argnums=1)
+    done = 0
+    while done < num_steps:
+        n = min(chunk, num_steps - done)
+        state, infos = run_chunk(key, state, hparams, batch, n)
+        infos = jax.device_get(infos)  # the chunk's one host sync
+        done += n
+        yield state, infos, done

@@ -32,6 +32,7 @@ fitness is the worst value and never becomes a personal or swarm best.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -42,11 +43,21 @@ import numpy as np
 from flax import struct
 
 from pso_jax import bounds as bounds_lib
+from pso_jax import fitness as fitness_lib
 from pso_jax import random as prandom
+from pso_jax import sharding as sharding_lib
 from pso_jax import topology as topology_lib
 from pso_jax import velocity as velocity_lib
-from pso_jax.base import StepInfo, SwarmOptimizer
-from pso_jax.tree_utils import combine, partition, resolve_mask, tree_where
+from pso_jax.base import StepInfo, SwarmOptimizer, particle_field
+from pso_jax.swarm_axis import LocalAxis
+from pso_jax.tree_utils import (
+    along_rows,
+    combine,
+    leaf_paths,
+    partition,
+    resolve_mask,
+    tree_where,
+)
 from pso_jax.types import PRNGKey, PyTree
 
 VARIANTS = ("inertia", "constriction", "spso2011", "cso")
@@ -116,8 +127,10 @@ _VARIANT_DEFAULTS = {
 class PSOState:
     """The swarm: a pytree of arrays.
 
-    Per-particle leaves have a leading axis ``P``. Leaves the mask leaves out are
-    ``None`` in every per-particle tree and stored once in ``frozen_params``.
+    Per-particle leaves have a leading axis ``P`` (the fields made with
+    :func:`pso_jax.base.particle_field`, which a sharded swarm splits over its
+    devices). Leaves the mask leaves out are ``None`` in every per-particle tree
+    and stored once in ``frozen_params``.
 
     Attributes:
       positions: ``[P, ...]`` per swarmed leaf, the points the next step evaluates.
@@ -141,18 +154,18 @@ class PSOState:
       num_restarts: ``()`` int32, stagnation remedies applied.
     """
 
-    positions: PyTree
-    velocities: PyTree
-    fitness: jax.Array
-    pbest_params: PyTree | None
-    pbest_fitness: jax.Array
+    positions: PyTree = particle_field()
+    velocities: PyTree = particle_field()
+    fitness: jax.Array = particle_field()
+    pbest_params: PyTree | None = particle_field()
+    pbest_fitness: jax.Array = particle_field()
     best_params: PyTree
     best_fitness: jax.Array
     frozen_params: PyTree
     low: PyTree
     high: PyTree
     vscale: PyTree
-    links: jax.Array | None
+    links: jax.Array | None = particle_field()
     step: jax.Array
     stall_count: jax.Array
     num_restarts: jax.Array
@@ -160,7 +173,20 @@ class PSOState:
 
 @dataclasses.dataclass(frozen=True)
 class PSOConfig:
-    """Static configuration captured by :func:`pso` (changing it recompiles)."""
+    """Static configuration captured by :func:`pso` (changing it recompiles).
+
+    The arguments of :func:`pso` of the same names, resolved (the topology's
+    default chosen, ``bound_handling`` checked), and:
+
+    Attributes:
+      axis: the swarm axis the functions run on: a
+        :class:`~pso_jax.swarm_axis.LocalAxis` (the whole swarm), or a
+        :class:`~pso_jax.swarm_axis.ShardedAxis` when the swarm is split over a
+        mesh (the functions are then per-shard kernels inside ``shard_map``).
+      halo_tables: ``(halo, [S, P / S, M] tables)`` of a fixed topology
+        (:func:`pso_jax.topology.shard_tables`), else ``None``.
+      default_hparams: the variant's :class:`PSOHyperParams` with the overrides.
+    """
 
     num_particles: int
     variant: str
@@ -174,14 +200,12 @@ class PSOConfig:
     stagnation: str | None
     rng: str | Callable
     schedules: tuple[tuple[str, Callable], ...]
-    # Sharding (see pso_jax.sharding): the swarm split over `num_shards` devices
-    # along the mesh axis `particle_axis`; the functions built from this config
-    # are then per-shard kernels with collectives over that axis. `data_axis`
-    # splits the batch; the last `num_inert` particles are padding.
-    num_shards: int = 1
-    particle_axis: str | None = None
-    data_axis: str | None = None
-    num_inert: int = 0
+    axis: LocalAxis
+    halo_tables: tuple[int, np.ndarray] | None
+    default_hparams: PSOHyperParams
+    bounds: Any = None
+    mask: Any = None
+    init_fn: Callable | None = None
 
 
 def _concrete_float(x) -> float | None:
@@ -190,6 +214,19 @@ def _concrete_float(x) -> float | None:
         return float(x)
     except (jax.errors.ConcretizationTypeError, TypeError):
         return None
+
+
+_HPARAM_CHECKS = {
+    "cognitive": lambda v: v >= 0,
+    "social": lambda v: v >= 0,
+    "velocity_clamp": lambda v: v > 0,
+    "init_scale": lambda v: v >= 0,
+    "init_velocity": lambda v: v >= 0,
+    "stall_tol": lambda v: v >= 0,
+    "stall_patience": lambda v: v >= 1,
+    "restart_fraction": lambda v: 0 <= v <= 1,
+    "perturb_scale": lambda v: v >= 0,
+}
 
 
 def validate_hparams(hparams: PSOHyperParams, variant: str = "inertia") -> None:
@@ -215,18 +252,7 @@ def validate_hparams(hparams: PSOHyperParams, variant: str = "inertia") -> None:
         if jnp.ndim(leaf) != 0:
             raise ValueError(f"hparams.{name} must be a scalar, got shape {leaf.shape}")
         vals[name] = _concrete_float(leaf)
-    checks = {
-        "cognitive": lambda v: v >= 0,
-        "social": lambda v: v >= 0,
-        "velocity_clamp": lambda v: v > 0,
-        "init_scale": lambda v: v >= 0,
-        "init_velocity": lambda v: v >= 0,
-        "stall_tol": lambda v: v >= 0,
-        "stall_patience": lambda v: v >= 1,
-        "restart_fraction": lambda v: 0 <= v <= 1,
-        "perturb_scale": lambda v: v >= 0,
-    }
-    for name, ok in checks.items():
+    for name, ok in _HPARAM_CHECKS.items():
         v = vals[name]
         if v is not None and not (ok(v) and not math.isnan(v)):
             raise ValueError(f"hparams.{name}={v} is out of range")
@@ -250,107 +276,750 @@ def _check_choice(name, value, choices):
         raise ValueError(f"{name}={value!r}: expected one of {choices}")
 
 
-def _leaf_paths(tree) -> list[str]:
-    return [
-        jax.tree_util.keystr(p)
-        for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]
-    ]
+# --- random draws ----------------------------------------------------------------
+# Every draw is per particle (axis 0 = this instance's rows), so a shard draws its
+# own rows of the unsharded swarm's draw (row_offset).
 
 
-def _normalize_bounds(bounds, params_template, mask_tree):
-    """Per swarmed leaf ``(low, high)`` arrays, or ``None`` for unbounded leaves.
+def _uniform(config: PSOConfig, key, shape, dtype):
+    """Uniforms in [0, 1) from the configured generator."""
+    if callable(config.rng):
+        return jnp.asarray(config.rng(key, shape, dtype), dtype)
+    if config.rng == "jax":
+        return jax.random.uniform(key, shape, dtype)
+    return prandom.uniform(key, shape, dtype, row_offset=config.axis.row0())
 
-    Returns two trees of the *swarmed* structure (``None`` at frozen leaves too).
+
+def _normal(config: PSOConfig, key, shape, dtype):
+    if not callable(config.rng) and config.rng == "jax":
+        return jax.random.normal(key, shape, dtype)
+    return prandom.normal(key, shape, dtype, row_offset=config.axis.row0())
+
+
+def _factors(config: PSOConfig, key, leaf):
+    """The random factors ``r`` of one ``[n, ...]`` leaf."""
+    if config.random_factors == "per_particle":
+        r = _uniform(config, key, (config.axis.local_size,), leaf.dtype)
+        return along_rows(r, leaf)
+    return _uniform(config, key, leaf.shape, leaf.dtype)
+
+
+def _leaf_keys(key, tree, n):
+    """``n`` keys per swarmed leaf, as a list aligned with ``jax.tree.leaves``."""
+    leaves = jax.tree.leaves(tree)
+    keys = jax.random.split(key, (len(leaves), n))
+    return [keys[i] for i in range(len(leaves))]
+
+
+def _map_leaves(fn, first, *others):
+    """Map ``fn(i, leaf, *aligned)`` over the swarmed leaves of ``first``.
+
+    ``others`` are trees of the same swarmed structure whose leaves may be
+    ``None`` (an unbounded leaf, no velocity clamp), or ``None`` as a whole.
+    A tuple returned by ``fn`` becomes a tuple of trees.
     """
-    full_def = jax.tree.structure(params_template)
-    n = full_def.num_leaves
-    if bounds is None:
-        lows = highs = [None] * n
-    else:
-        if not (isinstance(bounds, tuple | list) and len(bounds) == 2):
-            raise ValueError(f"bounds must be a (low, high) pair, got {bounds!r}")
+    treedef = jax.tree.structure(first)
+    leaves = treedef.flatten_up_to(first)
+    aligned = [
+        [None] * len(leaves) if t is None else treedef.flatten_up_to(t) for t in others
+    ]
+    outs = [fn(i, leaf, *[a[i] for a in aligned]) for i, leaf in enumerate(leaves)]
+    if outs and isinstance(outs[0], tuple):
+        return tuple(
+            treedef.unflatten([o[j] for o in outs]) for j in range(len(outs[0]))
+        )
+    return treedef.unflatten(outs)
 
-        def per_leaf(b, which):
-            if b is None or (
-                np.ndim(b) == 0 and not isinstance(b, dict | list | tuple)
-            ):
-                return [b] * n  # one value for every leaf
-            try:
-                return full_def.flatten_up_to(b)
-            except (ValueError, TypeError):
-                raise ValueError(
-                    f"bounds {which} has structure {jax.tree.structure(b)}, which "
-                    f"does not match the parameters' {full_def}"
-                ) from None
 
-        lows, highs = per_leaf(bounds[0], "low"), per_leaf(bounds[1], "high")
-    out_low, out_high = [], []
-    for path, t, lo, hi, m in zip(
-        _leaf_paths(params_template),
-        jax.tree.leaves(params_template),
-        lows,
-        highs,
-        jax.tree.leaves(mask_tree),
-        strict=True,
-    ):
-        if not m or (lo is None and hi is None):
-            out_low.append(None)
-            out_high.append(None)
-            continue
-        if lo is None or hi is None:
-            raise ValueError(f"bounds for leaf {path}: give both low and high")
-        lo_a = np.asarray(lo, dtype=np.float64)
-        hi_a = np.asarray(hi, dtype=np.float64)
-        try:
-            shape = np.broadcast_shapes(lo_a.shape, hi_a.shape, np.shape(t))
-        except ValueError:
-            shape = None
-        if shape != np.shape(t):
-            raise ValueError(
-                f"bounds for leaf {path}: shapes {lo_a.shape} and {hi_a.shape} do "
-                f"not broadcast to the leaf's shape {np.shape(t)}"
-            )
-        if not (np.all(np.isfinite(lo_a)) and np.all(np.isfinite(hi_a))):
-            raise ValueError(
-                f"bounds for leaf {path} must be finite (use None for an unbounded "
-                f"leaf), got low={lo_a.min()}, high={hi_a.max()}"
-            )
-        lo_b, hi_b = np.broadcast_arrays(lo_a, hi_a)
-        bad = lo_b >= hi_b
-        if np.any(bad):
-            i = tuple(int(j) for j in np.unravel_index(np.argmax(bad), bad.shape))
-            raise ValueError(
-                f"bounds for leaf {path}: low must be < high, got low={lo_b[i]} >= "
-                f"high={hi_b[i]} at index {i}"
-            )
+def _resolve(config: PSOConfig, hparams: PSOHyperParams, step) -> PSOHyperParams:
+    """``hparams`` with the scheduled ones evaluated at ``step``."""
+    if not config.schedules:
+        return hparams
+    upd = {
+        k: jnp.asarray(fn(step), getattr(hparams, k).dtype)
+        for k, fn in config.schedules
+    }
+    return hparams.replace(**upd)
+
+
+# --- init ------------------------------------------------------------------------
+
+
+def _sample_positions(config, key, template_sw, low, high, hp, frozen):
+    """Initial-distribution positions ``[n, ...]`` and velocities."""
+    axis = config.axis
+    key_x, key_v, key_fn = jax.random.split(key, 3)
+    kx = _leaf_keys(key_x, template_sw, 1)
+    kv = _leaf_keys(key_v, template_sw, 1)
+    drawn_sw = None
+    if config.init_fn is not None:
+        keys_fn = axis.own_slice(jax.random.split(key_fn, config.num_particles))
+        drawn = jax.vmap(config.init_fn, in_axes=(0, None))(
+            keys_fn, combine(template_sw, frozen)
+        )
+        drawn_sw = partition(drawn, swarm_mask(template_sw))[0]
+
+    def one(i, t, lo, hi, d):
+        shape = (axis.local_size,) + jnp.shape(t)
         dtype = jnp.result_type(t)
-        out_low.append(jnp.asarray(lo_a, dtype))
-        out_high.append(jnp.asarray(hi_a, dtype))
-    swarmed_def = jax.tree.structure(partition(params_template, mask_tree)[0])
-    # Rebuild with None (unbounded) leaves, keeping only the swarmed positions.
-    sw_low = [
-        lo for lo, m in zip(out_low, jax.tree.leaves(mask_tree), strict=True) if m
-    ]
-    sw_high = [
-        hi for hi, m in zip(out_high, jax.tree.leaves(mask_tree), strict=True) if m
-    ]
-    return swarmed_def.unflatten(sw_low), swarmed_def.unflatten(sw_high)
+        u = _uniform(config, kx[i][0], shape, dtype)
+        w = 2 * _uniform(config, kv[i][0], shape, dtype) - 1
+        if lo is not None:
+            x = lo + u * (hi - lo)
+            v = w * hp.init_velocity * (hi - lo)
+        else:
+            if d is not None:
+                x = d
+            else:
+                x = t + hp.init_scale * _normal(config, kx[i][0], shape, dtype)
+            v = w * hp.init_velocity * hp.init_scale
+        return x.astype(dtype), v.astype(dtype)
+
+    return _map_leaves(one, template_sw, low, high, drawn_sw)
 
 
-def _normalize_handling(bound_handling, swarmed_template) -> PyTree:
-    """A per-leaf tree of handler names (strings are static pytree leaves here)."""
-    if isinstance(bound_handling, str):
-        _check_choice("bound_handling", bound_handling, bounds_lib.BOUND_HANDLERS)
-        return jax.tree.map(lambda _: bound_handling, swarmed_template)
-    full = jax.tree.map(
-        lambda t, h: None if t is None else h,
-        swarmed_template,
-        bound_handling,
-        is_leaf=lambda x: x is None,
+def _velocity_scale(config, template_sw, positions, low, high):
+    """Per swarmed leaf, what ``velocity_clamp`` multiplies (``None``: no clamp)."""
+    bounded = [
+        lo is not None for lo in jax.tree.structure(template_sw).flatten_up_to(low)
+    ]
+    mode = config.velocity_clamp
+    if mode == "auto":
+        mode = "range" if bounded and all(bounded) else None
+    if mode == "range" and not all(bounded):
+        raise ValueError("velocity_clamp='range' needs bounds on every swarmed leaf")
+    if mode is None:
+        return jax.tree.map(lambda _: None, template_sw)
+    if mode == "absolute":
+        return jax.tree.map(lambda t: jnp.ones((), jnp.result_type(t)), template_sw)
+    if mode == "range":
+        return _map_leaves(
+            lambda i, t, lo, hi: (hi - lo).astype(t.dtype), template_sw, low, high
+        )
+
+    def spread(x):  # "init_spread"
+        s = config.axis.std(x)
+        return jnp.where(s > 0, s, 1.0).astype(x.dtype)
+
+    return jax.tree.map(spread, positions)
+
+
+def _split_template(config, params_template):
+    """``(swarmed, frozen, mask)`` of a checked template."""
+    if not jax.tree.leaves(params_template):
+        raise ValueError("params_template has no array leaves")
+    params_template = jax.tree.map(jnp.asarray, params_template)
+    mask_tree = resolve_mask(config.mask, params_template)
+    template_sw, frozen = partition(params_template, mask_tree)
+    for path, t in zip(
+        leaf_paths(template_sw), jax.tree.leaves(template_sw), strict=True
+    ):
+        if not jnp.issubdtype(t.dtype, jnp.floating):
+            raise ValueError(
+                f"swarmed leaf {path} has dtype {t.dtype}: only floating-point "
+                "leaves can be swarmed; mask it out or cast it"
+            )
+    if not isinstance(config.bound_handling, str):
+        bounds_lib.check_handling(
+            bounds_lib.handler_tree(config.bound_handling, template_sw)
+        )
+    return params_template, template_sw, frozen, mask_tree
+
+
+def init(
+    key: PRNGKey,
+    params_template: PyTree,
+    hparams: PSOHyperParams | None = None,
+    *,
+    config: PSOConfig,
+) -> PSOState:
+    """Build the initial swarm around ``params_template`` (one particle).
+
+    Args:
+      key: a ``jax.random.key``.
+      params_template: one particle's parameters: shapes, dtypes, and the
+        centre of the initial spread of unbounded leaves.
+      hparams: a :class:`PSOHyperParams`; defaults to the variant's.
+      config: the static configuration (bound by :func:`pso`).
+
+    Returns:
+      A :class:`PSOState`.
+    """
+    if hparams is None:
+        hparams = config.default_hparams
+    validate_hparams(hparams, config.variant)
+    hp = _resolve(config, hparams, jnp.zeros((), jnp.int32))
+    full, template_sw, frozen, mask_tree = _split_template(config, params_template)
+    low, high = bounds_lib.normalize(config.bounds, full, mask_tree)
+    key_init, key_links = jax.random.split(key)
+    positions, velocities = _sample_positions(
+        config, key_init, template_sw, low, high, hp, frozen
     )
-    for h in jax.tree.leaves(full):
-        _check_choice("bound_handling", h, bounds_lib.BOUND_HANDLERS)
-    return full
+    fitness = jnp.full(
+        (config.axis.local_size,), fitness_lib.worst(config.maximize), jnp.float32
+    )
+    links = None
+    if config.topology == "random":
+        links = _draw_links(config, key_links)
+    return PSOState(
+        positions=positions,
+        velocities=velocities,
+        fitness=fitness,
+        # Distinct buffers (copies), so the whole state can be donated.
+        pbest_params=(
+            None if config.variant == "cso" else jax.tree.map(jnp.copy, positions)
+        ),
+        pbest_fitness=jnp.copy(fitness),
+        best_params=config.axis.take_row(positions, 0),
+        best_fitness=jnp.asarray(fitness_lib.worst(config.maximize), jnp.float32),
+        frozen_params=frozen,
+        low=low,
+        high=high,
+        vscale=_velocity_scale(config, template_sw, positions, low, high),
+        links=links,
+        step=jnp.zeros((), jnp.int32),
+        stall_count=jnp.zeros((), jnp.int32),
+        num_restarts=jnp.zeros((), jnp.int32),
+    )
+
+
+def _draw_links(config: PSOConfig, key):
+    """Random-topology links: ``[n, P]``, this instance's rows of ``[P, P]``."""
+    axis = config.axis
+    return topology_lib.random_links(
+        key,
+        config.num_particles,
+        config.num_informants,
+        row_offset=axis.row0(),
+        num_rows=axis.local_size,
+    )
+
+
+def ask(state: PSOState, *, config: PSOConfig) -> PyTree:
+    """Full parameters of every particle, ``[P, ...]`` leaves."""
+    n = config.axis.local_size
+    frozen_b = jax.tree.map(
+        lambda f: jnp.broadcast_to(f, (n,) + jnp.shape(f)), state.frozen_params
+    )
+    return combine(state.positions, frozen_b)
+
+
+# --- moves -----------------------------------------------------------------------
+
+
+def _finish(config, key, x, v_new, lo, hi, vs, handling, hp):
+    """:func:`pso_jax.velocity.finish` with this leaf's clamp and resample draw."""
+    vmax = None if vs is None else hp.velocity_clamp * vs
+    u = None
+    if lo is not None and handling == "resample":
+        u = _uniform(config, key, x.shape, x.dtype)
+    return velocity_lib.finish(x, v_new, vmax, lo, hi, handling, u)
+
+
+def _move(config, key, state, hp, pbest, p_score, improved, g, g_row):
+    """Velocity and position update of the variants with personal bests."""
+    w, c1, c2 = velocity_lib.effective_coefficients(
+        config.variant, hp.inertia, hp.cognitive, hp.social
+    )
+    # Neighbourhood bests are read from the *new* personal bests. Reading rows
+    # of the old ones instead (where(improved, x, p_old)[g]) keeps the old
+    # buffer alive past its in-place update, and XLA then copies the whole
+    # [P, ...] array every step (measured: +1 copy, ~1.5x slower step).
+    nbest, n_is_self = topology_lib.neighbour_bests(
+        config.axis,
+        config.topology,
+        config.halo_tables,
+        state.links,
+        pbest,
+        p_score,
+        g,
+        g_row,
+    )
+    keys = _leaf_keys(key, state.positions, 4)
+    handling = bounds_lib.handler_tree(config.bound_handling, state.positions)
+    if config.variant == "spso2011":
+        return _spso2011_move(
+            config, keys, state, hp, (w, c1, c2), improved, nbest, n_is_self, handling
+        )
+
+    def one(i, x, v, p_old, n, lo, hi, vs, h):
+        # The new personal best, computed inline rather than read back: the
+        # update then reads x, v and the old pbest once, in one fusion.
+        p = jnp.where(along_rows(improved, x), x, p_old)
+        r1 = _factors(config, keys[i][0], x)
+        r2 = _factors(config, keys[i][1], x)
+        v_new = velocity_lib.inertia(x, v, p, n, r1, r2, w, c1, c2)
+        return _finish(config, keys[i][3], x, v_new, lo, hi, vs, h, hp)
+
+    return _map_leaves(
+        one,
+        state.positions,
+        state.velocities,
+        state.pbest_params,
+        nbest,
+        state.low,
+        state.high,
+        state.vscale,
+        handling,
+    )
+
+
+def _per_particle_sq(tree, n):
+    """``[n]`` squared norm of every particle over all leaves of ``tree``."""
+    return sum(
+        jnp.sum(jnp.square(a).reshape(n, -1), axis=1) for a in jax.tree.leaves(tree)
+    )
+
+
+def _spso2011_move(
+    config, keys, state, hp, coeffs, improved, nbest, n_is_self, handling
+):
+    """SPSO-2011: a uniform point in the hypersphere around the centre ``G``."""
+    w, c1, c2 = coeffs
+    n = config.axis.local_size
+    x_tree = state.positions
+
+    def centre(i, x, p_old, nb):
+        p = jnp.where(along_rows(improved, x), x, p_old)
+        r1 = _factors(config, keys[i][0], x)
+        r2 = _factors(config, keys[i][1], x)
+        return velocity_lib.spso2011_centre(
+            x, p, nb, r1, r2, c1, c2, along_rows(n_is_self, x)
+        )
+
+    g_tree = _map_leaves(centre, x_tree, state.pbest_params, nbest)
+    dirs = _map_leaves(
+        lambda i, x: _normal(config, keys[i][2], x.shape, x.dtype), x_tree
+    )
+    radius = jnp.sqrt(
+        _per_particle_sq(jax.tree.map(lambda a, b: a - b, g_tree, x_tree), n)
+    )
+    dir_norm = jnp.sqrt(_per_particle_sq(dirs, n))
+    num_dims = sum(int(np.prod(a.shape[1:])) for a in jax.tree.leaves(x_tree))
+    # (keys[0][3] is also leaf 0's "resample" key: kept for a stable trajectory.)
+    u = _uniform(config, keys[0][3], (n,), jnp.float32)
+    scale = radius * u ** (1.0 / num_dims) / jnp.maximum(dir_norm, 1e-30)
+
+    def one(i, x, v, gc, d, lo, hi, vs, h):
+        s = along_rows(scale, x).astype(x.dtype)
+        v_new = velocity_lib.spso2011(x, v, gc, d, s, w)
+        return _finish(config, keys[i][3], x, v_new, lo, hi, vs, h, hp)
+
+    return _map_leaves(
+        one,
+        x_tree,
+        state.velocities,
+        g_tree,
+        dirs,
+        state.low,
+        state.high,
+        state.vscale,
+        handling,
+    )
+
+
+def _cso_pairs(config, key, f_score):
+    """CSO's random pairing: this instance's ``(partner, is_loser)`` rows."""
+    axis, P = config.axis, config.num_particles
+    # The pairing is drawn over the whole swarm (the same on every shard).
+    perm = jax.random.permutation(key, P)
+    half = P // 2
+    a, b = perm[:half], perm[half : 2 * half]
+    f_all = axis.gather_all(f_score)
+    loser = jnp.where(f_all[a] <= f_all[b], b, a)
+    partner = jnp.arange(P).at[a].set(b).at[b].set(a)
+    is_loser = jnp.zeros((P,), bool).at[loser].set(True)
+    return axis.own_slice(partner), axis.own_slice(is_loser)
+
+
+def _cso_move(config, key, state, hp, f_score):
+    """Competitive Swarm Optimizer: each pair's loser learns from its winner."""
+    key_pair, key_r = jax.random.split(key)
+    partner, is_loser = _cso_pairs(config, key_pair, f_score)
+    x_partner = config.axis.gather_rows(state.positions, partner)
+    keys = _leaf_keys(key_r, state.positions, 4)
+    handling = bounds_lib.handler_tree(config.bound_handling, state.positions)
+
+    def one(i, x, v, xp, lo, hi, vs, h):
+        r1 = _factors(config, keys[i][0], x)
+        r2 = _factors(config, keys[i][1], x)
+        r3 = _factors(config, keys[i][2], x)
+        v_l = velocity_lib.cso(x, v, xp, config.axis.mean(x), r1, r2, r3, hp.social)
+        x_l, v_l = _finish(config, keys[i][3], x, v_l, lo, hi, vs, h, hp)
+        c = along_rows(is_loser, x)
+        return jnp.where(c, x_l, x), jnp.where(c, v_l, v)
+
+    positions, velocities = _map_leaves(
+        one,
+        state.positions,
+        state.velocities,
+        x_partner,
+        state.low,
+        state.high,
+        state.vscale,
+        handling,
+    )
+    return positions, velocities, is_loser
+
+
+def _remedy(config, key, state, hp, swarm, f_score):
+    """Re-place the worst ``restart_fraction`` of particles (stagnation).
+
+    ``swarm`` is ``(positions, velocities, pbest, pbest_fitness)``; returns it
+    with the chosen rows re-drawn.
+    """
+    positions, velocities, pbest, pbest_fitness = swarm
+    axis, P = config.axis, config.num_particles
+    f_all = axis.gather_all(f_score)  # the ranking is over the whole swarm
+    if axis.num_inert:  # padding is never chosen (and does not count)
+        f_all = jnp.where(np.arange(P) >= axis.num_real, -jnp.inf, f_all)
+    order = jnp.argsort(-f_all, stable=True)  # worst first
+    rank = jnp.zeros((P,), jnp.int32).at[order].set(jnp.arange(P, dtype=jnp.int32))
+    n_sel = jnp.ceil(hp.restart_fraction * axis.num_real).astype(jnp.int32)
+    sel = axis.own_slice(rank) < n_sel
+    template = state.best_params
+    if config.stagnation == "resample":
+        new_x, new_v = _sample_positions(
+            config, key, template, state.low, state.high, hp, state.frozen_params
+        )
+    else:
+        keys = _leaf_keys(key, template, 2)
+
+        def around_best(i, b, vs, lo, hi, v_old):
+            scale = hp.init_scale if vs is None else vs
+            x = b[None] + hp.perturb_scale * scale * _normal(
+                config, keys[i][0], v_old.shape, v_old.dtype
+            )
+            if lo is not None:
+                x = jnp.clip(x, lo, hi)
+            return x.astype(v_old.dtype), jnp.zeros_like(v_old)
+
+        new_x, new_v = _map_leaves(
+            around_best, template, state.vscale, state.low, state.high, velocities
+        )
+    positions = tree_where(sel, new_x, positions)
+    velocities = tree_where(sel, new_v, velocities)
+    if pbest is not None:
+        pbest = tree_where(sel, new_x, pbest)
+    pbest_fitness = jnp.where(sel, fitness_lib.worst(config.maximize), pbest_fitness)
+    return positions, velocities, pbest, pbest_fitness
+
+
+# --- tell and step -----------------------------------------------------------------
+
+
+def _stagnation(config, key, state, hp, swarm, f_score, stall_count):
+    """Apply the stagnation remedy if the best stalled; count it."""
+    if config.stagnation is None:
+        return swarm, stall_count, state.num_restarts, jnp.zeros((), bool)
+    restarted = stall_count >= hp.stall_patience
+    swarm = jax.lax.cond(
+        restarted,
+        lambda: _remedy(config, key, state, hp, swarm, f_score),
+        lambda: swarm,
+    )
+    stall_count = jnp.where(restarted, 0, stall_count)
+    return (
+        swarm,
+        stall_count,
+        state.num_restarts + restarted.astype(jnp.int32),
+        restarted,
+    )
+
+
+def _step_info(config, f, improved, best_fitness, stall_count, restarted):
+    """The step's :class:`~pso_jax.base.StepInfo` (swarm-wide counts and means)."""
+    axis = config.axis
+    nonfinite = ~jnp.isfinite(f)
+    inert = axis.inert_rows()
+    if inert is not None:
+        nonfinite = nonfinite & ~inert
+    # From the whole [P] vector, so the sum is the unsharded one bit for bit.
+    f_all = axis.gather_all(f)
+    finite_all = jnp.isfinite(f_all)
+    return StepInfo(
+        fitness=f,
+        best_fitness=best_fitness,
+        mean_fitness=jnp.sum(jnp.where(finite_all, f_all, 0.0)) / jnp.sum(finite_all),
+        num_nonfinite=axis.sum(jnp.sum(nonfinite).astype(jnp.int32)),
+        num_improved=axis.sum(jnp.sum(improved).astype(jnp.int32)),
+        stall_count=stall_count,
+        restarted=restarted,
+    )
+
+
+def tell(
+    key: PRNGKey,
+    state: PSOState,
+    fitness: jax.Array,
+    hparams: PSOHyperParams | None = None,
+    *,
+    config: PSOConfig,
+) -> tuple[PSOState, StepInfo]:
+    """Update bests with ``fitness`` of ``state.positions`` and move the swarm.
+
+    Args:
+      key: a ``jax.random.key``.
+      state: the current :class:`PSOState`.
+      fitness: ``[P]`` float, the fitness of ``ask(state)`` (NaN/inf allowed:
+        they count as the worst value).
+      hparams: a :class:`PSOHyperParams` (traced is fine).
+      config: the static configuration (bound by :func:`pso`).
+
+    Returns:
+      ``(new_state, StepInfo)``.
+    """
+    axis, maximize = config.axis, config.maximize
+    if hparams is None:
+        hparams = config.default_hparams
+    fitness = jnp.asarray(fitness)
+    if fitness.shape != (axis.local_size,):
+        raise ValueError(
+            f"fitness must have shape ({axis.local_size},){axis.describe()} (one "
+            f"scalar per particle), got {fitness.shape}"
+        )
+    hp = _resolve(config, hparams, state.step)
+    key_move, key_links, key_remedy = jax.random.split(key, 3)
+    f = fitness_lib.sanitize(fitness.astype(jnp.float32), maximize)
+    inert = axis.inert_rows()
+    if inert is not None:  # padding: always the worst, so never a best
+        f = jnp.where(inert, fitness_lib.worst(maximize), f)
+    score = functools.partial(fitness_lib.score, maximize=maximize)
+    f_score = score(f)
+    improved = f_score < score(state.pbest_fitness)
+    pbest_fitness = jnp.where(improved, f, state.pbest_fitness)
+    if config.variant == "cso":
+        pbest = None
+        positions, velocities, is_loser = _cso_move(
+            config, key_move, state, hp, f_score
+        )
+        # The best is a winner (ties go to winners), which did not move: read
+        # it from the new positions so the old buffer can be updated in place.
+        g, cand_fit = axis.argmin(jnp.where(is_loser, jnp.inf, f_score), f)
+        cand_params = axis.take_row(positions, g)
+    else:
+        p_score = score(pbest_fitness)
+        g, cand_fit = axis.argmin(p_score, pbest_fitness)
+        pbest = tree_where(improved, state.positions, state.pbest_params)
+        cand_params = axis.take_row(pbest, g)
+        positions, velocities = _move(
+            config, key_move, state, hp, pbest, p_score, improved, g, cand_params
+        )
+    better = score(cand_fit) < score(state.best_fitness)
+    best_fitness = jnp.where(better, cand_fit, state.best_fitness)
+    best_params = tree_where(better, cand_params, state.best_params)
+    # Stall count: steps since the best improved by more than stall_tol.
+    gain = score(state.best_fitness) - score(best_fitness)
+    progressed = (gain > hp.stall_tol) | (jnp.isinf(score(state.best_fitness)) & better)
+    stall_count = jnp.where(progressed, 0, state.stall_count + 1)
+    swarm = (positions, velocities, pbest, pbest_fitness)
+    swarm, stall_count, num_restarts, restarted = _stagnation(
+        config,
+        key_remedy,
+        state.replace(best_params=best_params),
+        hp,
+        swarm,
+        f_score,
+        stall_count,
+    )
+    positions, velocities, pbest, pbest_fitness = swarm
+    links = state.links
+    if config.topology == "random":
+        links = jnp.where(better, links, _draw_links(config, key_links))
+    new_state = state.replace(
+        positions=positions,
+        velocities=velocities,
+        fitness=f,
+        pbest_params=pbest,
+        pbest_fitness=pbest_fitness,
+        best_params=best_params,
+        best_fitness=best_fitness,
+        links=links,
+        step=state.step + 1,
+        stall_count=stall_count,
+        num_restarts=num_restarts,
+    )
+    return new_state, _step_info(
+        config, f, improved, best_fitness, stall_count, restarted
+    )
+
+
+def rescore(
+    state: PSOState,
+    pbest_fitness: jax.Array | None,
+    best_fitness: jax.Array,
+    *,
+    config: PSOConfig,
+) -> PSOState:
+    """The personal and swarm bests' fitness measured again (e.g. a new batch).
+
+    Minibatch fitness is noisy: a best scored on one lucky batch would hold the
+    swarm for good. Bests already found take the new values (non-finite ones
+    become the worst); bests not yet found keep the worst value.
+
+    Args:
+      state: a :class:`PSOState`.
+      pbest_fitness: ``[P]`` the personal bests' new fitness, or ``None`` to
+        keep them (CSO stores no personal-best parameters to re-evaluate).
+      best_fitness: ``()`` the swarm best's new fitness.
+      config: the static configuration (bound by :func:`pso`).
+    """
+    maximize = config.maximize
+    if pbest_fitness is not None:
+        started = jnp.isfinite(state.pbest_fitness)
+        state = state.replace(
+            pbest_fitness=jnp.where(
+                started,
+                fitness_lib.sanitize(pbest_fitness, maximize),
+                state.pbest_fitness,
+            )
+        )
+    return state.replace(
+        best_fitness=jnp.where(
+            jnp.isfinite(state.best_fitness),
+            fitness_lib.sanitize(best_fitness, maximize),
+            state.best_fitness,
+        )
+    )
+
+
+def evaluate_swarm(fitness_fn, state: PSOState, batch: Any, *, config: PSOConfig):
+    """``[P]`` fitness of every particle's position on ``batch``.
+
+    ``fitness_fn(params, batch) -> ()`` for one particle, vmapped
+    (:func:`pso_jax.fitness.swarm_fitness`); on a data axis, the mean over the
+    batch's slices.
+    """
+    if fitness_fn is None:
+        raise ValueError(
+            "this optimizer was built without fitness_fn: pass one to pso(), "
+            "or evaluate yourself and call tell()"
+        )
+    out = fitness_lib.swarm_fitness(
+        fitness_fn, state.positions, state.frozen_params, batch
+    )
+    if jnp.shape(out) != (config.axis.local_size,):
+        raise ValueError(
+            "fitness_fn must return a scalar for one particle; it returned shape "
+            f"{jnp.shape(out)[1:]} per particle"
+        )
+    return config.axis.data_mean(out)
+
+
+def build_step(config: PSOConfig, fitness_fn: Callable | None) -> Callable:
+    """The swarm step: evaluate every particle, update the bests, move the swarm.
+
+    Returns:
+      ``step(key, state, batch=None, hparams=None) -> (PSOState, StepInfo)``:
+      ``batch`` is passed to ``fitness_fn`` unchanged (shared by all particles);
+      ``hparams`` a :class:`PSOHyperParams` (traced is fine).
+    """
+
+    def step(key: PRNGKey, state: PSOState, batch: Any = None, hparams=None):
+        # fitness_fn is deterministic: the whole key moves the swarm.
+        fitness = evaluate_swarm(fitness_fn, state, batch, config=config)
+        return tell(key, state, fitness, hparams, config=config)
+
+    return step
+
+
+def _check_args(num_particles, hparams, fitness_fn, **settings):
+    """The factory's argument checks, before any compilation."""
+    variant, rng = settings["variant"], settings["rng"]
+    velocity_clamp, bounds = settings["velocity_clamp"], settings["bounds"]
+    bound_handling, init_fn = settings["bound_handling"], settings["init_fn"]
+    if isinstance(num_particles, bool) or not isinstance(
+        num_particles, int | np.integer
+    ):
+        raise ValueError(f"num_particles must be an int, got {num_particles!r}")
+    if num_particles < 1:
+        raise ValueError(f"num_particles={num_particles}: must be >= 1")
+    _check_choice("variant", variant, VARIANTS)
+    _check_choice("random_factors", settings["random_factors"], RANDOM_FACTORS)
+    _check_choice("stagnation", settings["stagnation"], STAGNATION_REMEDIES)
+    if not callable(rng):
+        _check_choice("rng", rng, RNG_IMPLS)
+    if velocity_clamp != "auto" and velocity_clamp not in VELOCITY_CLAMPS:
+        raise ValueError(
+            f"velocity_clamp={velocity_clamp!r}: expected 'auto' or one of "
+            f"{VELOCITY_CLAMPS}"
+        )
+    if velocity_clamp == "range" and bounds is None:
+        raise ValueError("velocity_clamp='range' needs bounds")
+    if isinstance(bound_handling, str):
+        bounds_lib.check_handling(bound_handling)
+    if bounds is not None:  # plain numbers now; pytrees leaf by leaf at init
+        bounds_lib.check_pair(bounds)
+    unknown = set(hparams) - set(_HPARAM_NAMES)
+    if unknown:
+        raise ValueError(
+            f"unknown hyperparameter(s) {sorted(unknown)}; valid: {_HPARAM_NAMES}"
+        )
+    if fitness_fn is not None and not callable(fitness_fn):
+        raise ValueError(f"fitness_fn must be callable, got {fitness_fn!r}")
+    if init_fn is not None and not callable(init_fn):
+        raise ValueError(f"init_fn must be callable, got {init_fn!r}")
+
+
+def _default_hparams(variant, hparams):
+    """``(PSOHyperParams, schedules)``: the variant's defaults with the overrides."""
+    schedules = {k: v for k, v in hparams.items() if callable(v)}
+    defaults = {**_COMMON_DEFAULTS, **_VARIANT_DEFAULTS[variant]}
+    for k, v in hparams.items():
+        defaults[k] = schedules[k](0) if k in schedules else v
+    default_hparams = PSOHyperParams(
+        **{
+            k: jnp.asarray(v, jnp.int32 if k == "stall_patience" else jnp.float32)
+            for k, v in defaults.items()
+        }
+    )
+    validate_hparams(default_hparams, variant)
+    return default_hparams, tuple(sorted(schedules.items()))
+
+
+def _swarm_axis(num_particles, mesh, pad, rng):
+    """The swarm axis: the whole swarm, or one shard of it on ``mesh``."""
+    if mesh is None:
+        if pad:
+            raise ValueError("pad=True needs a mesh= to pad the particle count for")
+        return LocalAxis(int(num_particles))
+    if rng != "hash":
+        raise ValueError(
+            f"rng={rng!r} cannot be sharded: a sharded swarm needs rng='hash', "
+            "whose draws for a shard's rows equal the unsharded swarm's"
+        )
+    return sharding_lib.swarm_axis(mesh, int(num_particles), pad)
+
+
+def _make_config(num_particles, mesh, pad, hparams, *, fitness_fn, **settings):
+    """Check :func:`pso`'s arguments and resolve them into a :class:`PSOConfig`."""
+    variant, topology = settings["variant"], settings["topology"]
+    _check_args(num_particles, hparams, fitness_fn, **settings)
+    axis = _swarm_axis(num_particles, mesh, pad, settings["rng"])
+    num_particles = axis.num_particles  # padding included
+    if topology is None:
+        topology = "random" if variant == "spso2011" else "global"
+    ring = settings["ring_neighbors"]
+    topology_lib.validate(topology, num_particles, ring, settings["num_informants"])
+    if variant == "cso" and topology != "global":
+        raise ValueError(f"variant='cso' supports topology='global', got {topology!r}")
+    if variant == "cso" and num_particles < 2:
+        raise ValueError(
+            f"num_particles={num_particles}: cso pairs particles, needs >= 2"
+        )
+    default_hparams, schedules = _default_hparams(variant, hparams)
+    table = topology_lib.neighbour_table(topology, num_particles, ring)
+    halo_tables = None
+    if table is not None:
+        halo_tables = topology_lib.shard_tables(table, axis.num_shards)
+    return PSOConfig(
+        **{**settings, "topology": topology},
+        num_particles=num_particles,
+        schedules=schedules,
+        axis=axis,
+        halo_tables=halo_tables,
+        default_hparams=default_hparams,
+    )
 
 
 def pso(
@@ -445,850 +1114,40 @@ def pso(
     >>> bool(state.best_fitness < 1e-3)
     True
     """
-    if isinstance(num_particles, bool) or not isinstance(
-        num_particles, int | np.integer
-    ):
-        raise ValueError(f"num_particles must be an int, got {num_particles!r}")
-    if num_particles < 1:
-        raise ValueError(f"num_particles={num_particles}: must be >= 1")
-    num_shards, particle_axis, data_axis, num_inert = 1, None, None, 0
-    if mesh is not None:
-        # Imported here: sharding builds on this module.
-        from pso_jax import sharding as sharding_lib
-
-        num_shards, data_axis = sharding_lib.mesh_axes(mesh)
-        particle_axis = sharding_lib.PARTICLE_AXIS
-        padded = sharding_lib.padded_num_particles(num_particles, num_shards, pad)
-        num_inert = padded - int(num_particles)
-        num_particles = padded
-        if rng != "hash":
-            raise ValueError(
-                f"rng={rng!r} cannot be sharded: a sharded swarm needs rng='hash', "
-                "whose draws for a shard's rows equal the unsharded swarm's"
-            )
-    elif pad:
-        raise ValueError("pad=True needs a mesh= to pad the particle count for")
-    _check_choice("variant", variant, VARIANTS)
-    if topology is None:
-        topology = "random" if variant == "spso2011" else "global"
-    topology_lib.validate(topology, num_particles, ring_neighbors, num_informants)
-    if variant == "cso":
-        if topology != "global":
-            raise ValueError(
-                f"variant='cso' supports topology='global', got {topology!r}"
-            )
-        if num_particles < 2:
-            raise ValueError(
-                f"num_particles={num_particles}: cso pairs particles, needs >= 2"
-            )
-    _check_choice("random_factors", random_factors, RANDOM_FACTORS)
-    _check_choice("stagnation", stagnation, STAGNATION_REMEDIES)
-    if not callable(rng):
-        _check_choice("rng", rng, RNG_IMPLS)
-    if velocity_clamp == "auto":
-        velocity_clamp = "auto"
-    elif velocity_clamp not in VELOCITY_CLAMPS:
-        raise ValueError(
-            f"velocity_clamp={velocity_clamp!r}: expected 'auto' or one of "
-            f"{VELOCITY_CLAMPS}"
-        )
-    if velocity_clamp == "range" and bounds is None:
-        raise ValueError("velocity_clamp='range' needs bounds")
-    if isinstance(bound_handling, str):
-        _check_choice("bound_handling", bound_handling, bounds_lib.BOUND_HANDLERS)
-    unknown = set(hparams) - set(_HPARAM_NAMES)
-    if unknown:
-        raise ValueError(
-            f"unknown hyperparameter(s) {sorted(unknown)}; valid: {_HPARAM_NAMES}"
-        )
-    if fitness_fn is not None and not callable(fitness_fn):
-        raise ValueError(f"fitness_fn must be callable, got {fitness_fn!r}")
-    if init_fn is not None and not callable(init_fn):
-        raise ValueError(f"init_fn must be callable, got {init_fn!r}")
-
-    schedules = {k: v for k, v in hparams.items() if callable(v)}
-    defaults = {**_COMMON_DEFAULTS, **_VARIANT_DEFAULTS[variant]}
-    for k, v in hparams.items():
-        defaults[k] = schedules[k](0) if k in schedules else v
-    default_hparams = PSOHyperParams(
-        **{
-            k: jnp.asarray(v, jnp.int32 if k == "stall_patience" else jnp.float32)
-            for k, v in defaults.items()
-        }
-    )
-    validate_hparams(default_hparams, variant)
-    # Bounds given as plain numbers can be checked now; pytrees are checked at init.
-    if bounds is not None:
-        if not (isinstance(bounds, tuple | list) and len(bounds) == 2):
-            raise ValueError(f"bounds must be a (low, high) pair, got {bounds!r}")
-        lo, hi = bounds
-        if (
-            lo is not None
-            and hi is not None
-            and np.ndim(lo) == 0
-            and np.ndim(hi) == 0
-            and not isinstance(lo, dict | list | tuple)
-            and not float(lo) < float(hi)
-        ):
-            raise ValueError(f"bounds: low must be < high, got low={lo}, high={hi}")
-
-    config = PSOConfig(
-        num_particles=int(num_particles),
+    config = _make_config(
+        num_particles,
+        mesh,
+        pad,
+        hparams,
+        fitness_fn=fitness_fn,
         variant=variant,
         topology=topology,
         ring_neighbors=ring_neighbors,
         num_informants=num_informants,
         random_factors=random_factors,
+        bounds=bounds,
         bound_handling=bound_handling,
         velocity_clamp=velocity_clamp,
+        mask=mask,
+        init_fn=init_fn,
         maximize=maximize,
         stagnation=stagnation,
         rng=rng,
-        schedules=tuple(sorted(schedules.items())),
-        num_shards=num_shards,
-        particle_axis=particle_axis,
-        data_axis=data_axis,
-        num_inert=num_inert,
     )
-    table = topology_lib.neighbour_table(topology, num_particles, ring_neighbors)
-    opt = _build(config, fitness_fn, mask, init_fn, bounds, table, default_hparams)
-    if mesh is None:
-        return opt
-    return sharding_lib.shard_optimizer(opt, mesh)
-
-
-def _build(config, fitness_fn, mask, init_fn, bounds, table, default_hparams):
-    # P is the whole swarm; Pl the particles this function instance holds: all of
-    # them, or one shard's when the config is sharded (the functions then run
-    # inside shard_map over `axis`, one instance per device).
-    P = config.num_particles
-    S = config.num_shards
-    axis = config.particle_axis
-    sharded = axis is not None
-    Pl = P // S
-    num_real = P - config.num_inert
-    worst = -jnp.inf if config.maximize else jnp.inf
-    sign = -1.0 if config.maximize else 1.0
-    if sharded and table is not None:
-        halo, shard_tables = topology_lib.shard_tables(table, S)
-
-    def row0():
-        """Global index of this instance's first particle (a Python 0 unsharded)."""
-        if not sharded:
-            return 0
-        return jax.lax.axis_index(axis) * Pl
-
-    def own_rows():
-        """``[Pl]`` int32 global indices of this instance's particles."""
-        return row0() + jnp.arange(Pl, dtype=jnp.int32)
-
-    def all_gather(x, tiled=False):
-        # "invarying": the result is the same on every shard, which shard_map's
-        # replication check must know for swarm-wide outputs.
-        return jax.lax.all_gather(x, axis, tiled=tiled, to="invarying")
-
-    def gather_all(x):
-        """The whole swarm's ``[P]`` vector from every shard's ``[Pl]`` (cheap)."""
-        return all_gather(x, tiled=True) if sharded else x
-
-    def global_argmin(key_local, value_local):
-        """``(g, value[g])`` with ``g`` the swarm-wide ``argmin`` of ``key``.
-
-        Ties go to the lowest global index, as ``jnp.argmin`` on the whole swarm:
-        each shard's first local minimum, then the first shard among equals.
-        """
-        li = jnp.argmin(key_local)
-        if not sharded:
-            return li, value_local[li]
-        keys = all_gather(key_local[li])  # [S]
-        vals = all_gather(value_local[li])
-        idx = all_gather(row0() + li.astype(jnp.int32))
-        s = jnp.argmin(keys)
-        return idx[s], vals[s]
-
-    def broadcast_from(x, mine):
-        """``x`` of the one shard where ``mine`` is True, on every shard, exactly.
-
-        A psum of the bit patterns (zeros elsewhere) is exact for any dtype, and
-        keeps -0.0 and NaN payloads that a float sum would not.
-        """
-        uint = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}
-        bits = jax.lax.bitcast_convert_type(x, uint[x.dtype.itemsize])
-        bits = jax.lax.psum(jnp.where(mine, bits, jnp.zeros_like(bits)), axis)
-        return jax.lax.bitcast_convert_type(bits, x.dtype)
-
-    def take_row(tree, g):
-        """Row ``g`` (a global particle index) of ``[Pl, ...]`` leaves, everywhere."""
-        if not sharded:
-            return jax.tree.map(lambda p: p[g], tree)
-        owner = g // Pl
-        mine = jax.lax.axis_index(axis) == owner
-        return jax.tree.map(lambda p: broadcast_from(p[g - owner * Pl], mine), tree)
-
-    def gather_rows(tree, gidx):
-        """Rows ``gidx`` (``[Pl]`` global indices, any shard) of ``[Pl, ...]`` leaves.
-
-        Unsharded a plain gather. Sharded, the blocks travel round the ring of
-        shards (S - 1 collective permutes of one block each) and each shard keeps
-        the rows it asked for as they pass: the whole swarm crosses the
-        interconnect once per call, but it is never gathered on one device.
-        """
-        if not sharded:
-            return jax.tree.map(lambda p: p[gidx], tree)
-        me = jax.lax.axis_index(axis)
-        owner, lidx = gidx // Pl, gidx % Pl
-        shift = [(j, (j - 1) % S) for j in range(S)]  # receive from the next shard
-
-        def one(p):
-            sel = (Pl,) + (1,) * (p.ndim - 1)
-            out = p[lidx]
-            block = p
-            for d in range(1, S):
-                block = jax.lax.ppermute(block, axis, shift)  # shard me + d's rows
-                here = (owner == (me + d) % S).reshape(sel)
-                out = jnp.where(here, block[lidx], out)
-            return out
-
-        return jax.tree.map(one, tree)
-
-    def halos(x, width):
-        """The ``width`` particles before and after this shard's block (wrapping).
-
-        ``x`` is ``[Pl, ...]``; returns ``(left, right)``, each ``[width, ...]``,
-        gathered by collective permutes from the neighbouring shards (further
-        ones when ``width > Pl``), sending only the rows needed.
-        """
-        lefts, rights = [], []
-        for d in range(1, -(-width // Pl) + 1):
-            n = min(Pl, width - (d - 1) * Pl)
-            to_next = [(j, (j + d) % S) for j in range(S)]
-            to_prev = [(j, (j - d) % S) for j in range(S)]
-            lefts.insert(0, jax.lax.ppermute(x[Pl - n :], axis, to_next))
-            rights.append(jax.lax.ppermute(x[:n], axis, to_prev))
-        return jnp.concatenate(lefts), jnp.concatenate(rights)
-
-    def inert_rows():
-        """``[Pl]`` bool: padding particles (``None`` when there are none)."""
-        if not config.num_inert:
-            return None
-        return own_rows() >= num_real
-
-    def score(f):
-        """Minimisation key: lower is better, non-finite is +inf."""
-        return jnp.where(jnp.isnan(f), jnp.inf, sign * f)
-
-    def sanitize(f):
-        return jnp.where(jnp.isfinite(f), f, worst)
-
-    # Every random draw below is per particle (axis 0 = this instance's rows), so
-    # a shard draws its own rows of the unsharded swarm's draw by row_offset.
-    def uniform(key, shape, dtype):
-        """Uniforms in [0, 1) from the configured generator."""
-        if callable(config.rng):
-            return jnp.asarray(config.rng(key, shape, dtype), dtype)
-        if config.rng == "jax":
-            return jax.random.uniform(key, shape, dtype)
-        return prandom.uniform(key, shape, dtype, row_offset=row0())
-
-    def factors(key, leaf):
-        if config.random_factors == "per_particle":
-            r = uniform(key, (Pl,), leaf.dtype)
-            return r.reshape((Pl,) + (1,) * (leaf.ndim - 1))
-        return uniform(key, leaf.shape, leaf.dtype)
-
-    def normal(key, shape, dtype):
-        if not callable(config.rng) and config.rng == "jax":
-            return jax.random.normal(key, shape, dtype)
-        return prandom.normal(key, shape, dtype, row_offset=row0())
-
-    def resolve(hparams, step):
-        if not config.schedules:
-            return hparams
-        upd = {
-            k: jnp.asarray(fn(step), getattr(hparams, k).dtype)
-            for k, fn in config.schedules
-        }
-        return hparams.replace(**upd)
-
-    def leaf_keys(key, tree, n):
-        """``n`` keys per swarmed leaf, as a list aligned with ``jax.tree.leaves``."""
-        leaves = jax.tree.leaves(tree)
-        keys = jax.random.split(key, (len(leaves), n))
-        return [keys[i] for i in range(len(leaves))]
-
-    def map_leaves(fn, first, *others):
-        """Map ``fn(i, leaf, *aligned)`` over the swarmed leaves of ``first``.
-
-        ``others`` are trees of the same swarmed structure whose leaves may be
-        ``None`` (an unbounded leaf, no velocity clamp), or ``None`` as a whole.
-        A tuple returned by ``fn`` becomes a tuple of trees.
-        """
-        treedef = jax.tree.structure(first)
-        leaves = treedef.flatten_up_to(first)
-        aligned = [
-            [None] * len(leaves) if t is None else treedef.flatten_up_to(t)
-            for t in others
-        ]
-        outs = [fn(i, leaf, *[a[i] for a in aligned]) for i, leaf in enumerate(leaves)]
-        if outs and isinstance(outs[0], tuple):
-            return tuple(
-                treedef.unflatten([o[j] for o in outs]) for j in range(len(outs[0]))
-            )
-        return treedef.unflatten(outs)
-
-    def sample_positions(key, template_sw, low, high, hp, frozen):
-        """Initial-distribution positions ``[P, ...]`` and velocities."""
-        key_x, key_v, key_fn = jax.random.split(key, 3)
-        kx = leaf_keys(key_x, template_sw, 1)
-        kv = leaf_keys(key_v, template_sw, 1)
-        drawn_sw = None
-        if init_fn is not None:
-            keys_fn = jax.random.split(key_fn, P)
-            if sharded:  # this shard's rows of the swarm's keys
-                keys_fn = jax.lax.dynamic_slice_in_dim(keys_fn, row0(), Pl)
-            drawn = jax.vmap(init_fn, in_axes=(0, None))(
-                keys_fn, combine(template_sw, frozen)
-            )
-            drawn_sw = partition(drawn, swarm_mask(template_sw))[0]
-
-        def one(i, t, lo, hi, d):
-            shape = (Pl,) + jnp.shape(t)
-            dtype = jnp.result_type(t)
-            u = uniform(kx[i][0], shape, dtype)
-            w = 2 * uniform(kv[i][0], shape, dtype) - 1
-            if lo is not None:
-                x = lo + u * (hi - lo)
-                v = w * hp.init_velocity * (hi - lo)
-            else:
-                if d is not None:
-                    x = d
-                else:
-                    x = t + hp.init_scale * normal(kx[i][0], shape, dtype)
-                v = w * hp.init_velocity * hp.init_scale
-            return x.astype(dtype), v.astype(dtype)
-
-        return map_leaves(one, template_sw, low, high, drawn_sw)
-
-    def init(key: PRNGKey, params_template: PyTree, hparams: PSOHyperParams = None):
-        """Build the initial swarm around ``params_template`` (one particle).
-
-        Args:
-          key: a ``jax.random.key``.
-          params_template: one particle's parameters: shapes, dtypes, and the
-            centre of the initial spread of unbounded leaves.
-          hparams: a :class:`PSOHyperParams`; defaults to the variant's.
-
-        Returns:
-          A :class:`PSOState`.
-        """
-        if hparams is None:
-            hparams = default_hparams
-        validate_hparams(hparams, config.variant)
-        hp = resolve(hparams, jnp.zeros((), jnp.int32))
-        if not jax.tree.leaves(params_template):
-            raise ValueError("params_template has no array leaves")
-        params_template = jax.tree.map(jnp.asarray, params_template)
-        mask_tree = resolve_mask(mask, params_template)
-        template_sw, frozen = partition(params_template, mask_tree)
-        for path, t in zip(
-            _leaf_paths(template_sw), jax.tree.leaves(template_sw), strict=True
-        ):
-            if not jnp.issubdtype(t.dtype, jnp.floating):
-                raise ValueError(
-                    f"swarmed leaf {path} has dtype {t.dtype}: only floating-point "
-                    "leaves can be swarmed; mask it out or cast it"
-                )
-        low, high = _normalize_bounds(bounds, params_template, mask_tree)
-        _normalize_handling(config.bound_handling, template_sw)
-        key_init, key_links = jax.random.split(key)
-        positions, velocities = sample_positions(
-            key_init, template_sw, low, high, hp, frozen
-        )
-        bounded = [lo is not None for lo in _flat_aligned(low, template_sw)]
-        clamp_mode = config.velocity_clamp
-        if clamp_mode == "auto":
-            clamp_mode = "range" if bounded and all(bounded) else None
-        if clamp_mode == "range" and not all(bounded):
-            raise ValueError(
-                "velocity_clamp='range' needs bounds on every swarmed leaf"
-            )
-        if clamp_mode is None:
-            vscale = jax.tree.map(lambda _: None, template_sw)
-        elif clamp_mode == "absolute":
-            vscale = jax.tree.map(
-                lambda t: jnp.ones((), jnp.result_type(t)), template_sw
-            )
-        elif clamp_mode == "range":
-            vscale = map_leaves(
-                lambda i, t, lo, hi: (hi - lo).astype(t.dtype), template_sw, low, high
-            )
-        else:
-
-            def spread(x):
-                if not sharded:
-                    return jnp.std(x)
-                # Two-pass std over all shards: equal to jnp.std up to rounding
-                # (the sums are taken in a different order).
-                n = P * math.prod(x.shape[1:])
-                mean = jax.lax.psum(jnp.sum(x), axis) / n
-                return jnp.sqrt(jax.lax.psum(jnp.sum(jnp.square(x - mean)), axis) / n)
-
-            vscale = jax.tree.map(
-                lambda x: jnp.where(spread(x) > 0, spread(x), 1.0).astype(x.dtype),
-                positions,
-            )
-        fitness = jnp.full((Pl,), worst, jnp.float32)
-        links = None
-        if config.topology == "random":
-            links = draw_links(key_links)
-        return PSOState(
-            positions=positions,
-            velocities=velocities,
-            fitness=fitness,
-            # Distinct buffers (copies), so the whole state can be donated.
-            pbest_params=(
-                None if config.variant == "cso" else jax.tree.map(jnp.copy, positions)
-            ),
-            pbest_fitness=jnp.copy(fitness),
-            best_params=take_row(positions, 0),
-            best_fitness=jnp.asarray(worst, jnp.float32),
-            frozen_params=frozen,
-            low=low,
-            high=high,
-            vscale=vscale,
-            links=links,
-            step=jnp.zeros((), jnp.int32),
-            stall_count=jnp.zeros((), jnp.int32),
-            num_restarts=jnp.zeros((), jnp.int32),
-        )
-
-    def draw_links(key):
-        """Random-topology links: ``[Pl, P]``, this instance's rows of ``[P, P]``."""
-        if not sharded:
-            return topology_lib.random_links(key, P, config.num_informants)
-        return topology_lib.random_links(
-            key, P, config.num_informants, row_offset=row0(), num_rows=Pl
-        )
-
-    def ask(state: PSOState) -> PyTree:
-        """Full parameters of every particle, ``[P, ...]`` leaves."""
-        frozen_b = jax.tree.map(
-            lambda f: jnp.broadcast_to(f, (Pl,) + jnp.shape(f)), state.frozen_params
-        )
-        return combine(state.positions, frozen_b)
-
-    def neighbour_bests(state, pbest, p_score, g, g_row):
-        """Each particle's neighbourhood best, read from the new personal bests.
-
-        Returns:
-          ``(nbest, is_self)``: a tree of ``[Pl, ...]`` leaves (``[1, ...]`` for
-          the global topology: the one best ``g_row``, broadcast), and ``[Pl]``
-          bool, True where a particle is its own neighbourhood best.
-        """
-        if not sharded:
-            nidx = topology_lib.neighbour_best_index(
-                config.topology, p_score, table, state.links
-            )
-            if nidx is None:
-                return jax.tree.map(lambda p: p[g][None], pbest), jnp.arange(P) == g
-            return jax.tree.map(lambda p: p[nidx], pbest), nidx == jnp.arange(P)
-        if config.topology == "global":
-            return jax.tree.map(lambda r: r[None], g_row), own_rows() == g
-        if config.topology == "random":
-            # Any particle may inform any other: all [P] scores (cheap), then the
-            # chosen rows from whichever shard holds them.
-            nidx = topology_lib.neighbour_best_index(
-                "random", gather_all(p_score), None, state.links, own_rows()
-            )
-            return gather_rows(pbest, nidx), nidx == own_rows()
-        # Ring / von Neumann: neighbours lie within `halo` particles, so a halo
-        # from the adjacent shards completes every neighbourhood; the tables
-        # index [left halo | own block | right halo] in the unsharded column
-        # order, which keeps ties (and so the trajectory) the same.
-        tab = jnp.asarray(shard_tables)[jax.lax.axis_index(axis)]  # [Pl, M]
-        self_pos = halo + jnp.arange(Pl, dtype=jnp.int32)
-        if halo == 0:  # one particle per neighbourhood
-            return jax.tree.map(lambda p: p, pbest), jnp.ones((Pl,), bool)
-        left, right = halos(p_score, halo)
-        ext = jnp.concatenate([left, p_score, right])
-        best = jnp.argmin(ext[tab], axis=1)
-        pos = jnp.take_along_axis(tab, best[:, None], axis=1)[:, 0]  # [Pl]
-        in_left, in_right = pos < halo, pos >= halo + Pl
-
-        def rows(p):
-            # Rows of the extended block without materialising it (a copy of
-            # the whole block per step otherwise).
-            lp, rp = halos(p, halo)
-            sel = (Pl,) + (1,) * (p.ndim - 1)
-            a = lp[jnp.clip(pos, 0, halo - 1)]
-            b = rp[jnp.clip(pos - halo - Pl, 0, halo - 1)]
-            c = p[jnp.clip(pos - halo, 0, Pl - 1)]
-            return jnp.where(
-                in_left.reshape(sel), a, jnp.where(in_right.reshape(sel), b, c)
-            )
-
-        return jax.tree.map(rows, pbest), pos == self_pos
-
-    def move(key, state, hp, pbest, pbest_score, improved, g, g_row):
-        """Velocity and position update for the pbest-based variants."""
-        w, c1, c2 = velocity_lib.effective_coefficients(
-            config.variant, hp.inertia, hp.cognitive, hp.social
-        )
-        x_tree, v_tree, p_old = state.positions, state.velocities, state.pbest_params
-
-        # Neighbourhood bests are read from the *new* personal bests. Reading rows
-        # of the old ones instead (where(improved, x, p_old)[g]) keeps the old
-        # buffer alive past its in-place update, and XLA then copies the whole
-        # [P, ...] array every step (measured: +1 copy, ~1.5x slower step).
-        nbest, n_is_self = neighbour_bests(state, pbest, pbest_score, g, g_row)
-        keys = leaf_keys(key, x_tree, 4)
-
-        if config.variant == "spso2011":
-            return _spso2011_move(
-                keys, state, hp, w, c1, c2, improved, nbest, n_is_self
-            )
-
-        def one(i, x, v, p_old, n, lo, hi, vs, handling):
-            # The new personal best, computed inline rather than read back: the
-            # update then reads x, v and the old pbest once, in one fusion.
-            p = jnp.where(improved.reshape((Pl,) + (1,) * (x.ndim - 1)), x, p_old)
-            r1 = factors(keys[i][0], x)
-            r2 = factors(keys[i][1], x)
-            v_new = w * v + c1 * r1 * (p - x) + c2 * r2 * (n - x)
-            return finish(i, keys, x, v_new, lo, hi, vs, handling, hp)
-
-        return map_leaves(
-            one,
-            x_tree,
-            v_tree,
-            p_old,
-            nbest,
-            state.low,
-            state.high,
-            state.vscale,
-            _normalize_handling(config.bound_handling, x_tree),
-        )
-
-    def finish(i, keys, x, v_new, lo, hi, vs, handling, hp):
-        """Clamp the velocity, move, and enforce the leaf's bounds."""
-        if vs is not None:
-            v_new = velocity_lib.clamp(v_new, hp.velocity_clamp * vs)
-        x_new = x + v_new
-        if lo is not None:
-            u = (
-                uniform(keys[i][3], x.shape, x.dtype)
-                if handling == "resample"
-                else None
-            )
-            x_new, v_new = bounds_lib.apply(handling, x_new, v_new, lo, hi, u)
-        return x_new.astype(x.dtype), v_new.astype(x.dtype)
-
-    def _spso2011_move(keys, state, hp, w, c1, c2, improved, nbest, n_is_self):
-        x_tree = state.positions
-
-        def centre(i, x, p_old, n):
-            p = jnp.where(improved.reshape((Pl,) + (1,) * (x.ndim - 1)), x, p_old)
-            pp = x + c1 * factors(keys[i][0], x) * (p - x)
-            ll = x + c2 * factors(keys[i][1], x) * (n - x)
-            c = n_is_self.reshape((Pl,) + (1,) * (x.ndim - 1))
-            return jnp.where(c, (x + pp) / 2, (x + pp + ll) / 3)
-
-        g_tree = map_leaves(centre, x_tree, state.pbest_params, nbest)
-        dirs = map_leaves(lambda i, x: normal(keys[i][2], x.shape, x.dtype), x_tree)
-
-        def per_particle_sq(t):
-            return sum(
-                jnp.sum(jnp.square(a).reshape(Pl, -1), axis=1)
-                for a in jax.tree.leaves(t)
-            )
-
-        radius = jnp.sqrt(
-            per_particle_sq(jax.tree.map(lambda a, b: a - b, g_tree, x_tree))
-        )
-        dir_norm = jnp.sqrt(per_particle_sq(dirs))
-        num_dims = sum(int(np.prod(a.shape[1:])) for a in jax.tree.leaves(x_tree))
-        u = uniform(keys[0][3], (Pl,), jnp.float32)
-        scale = radius * u ** (1.0 / num_dims) / jnp.maximum(dir_norm, 1e-30)
-
-        def one(i, x, v, gc, d, lo, hi, vs, handling):
-            s = scale.reshape((Pl,) + (1,) * (x.ndim - 1)).astype(x.dtype)
-            v_new = w * v + gc + s * d - x
-            return finish(i, keys, x, v_new, lo, hi, vs, handling, hp)
-
-        return map_leaves(
-            one,
-            x_tree,
-            state.velocities,
-            g_tree,
-            dirs,
-            state.low,
-            state.high,
-            state.vscale,
-            _normalize_handling(config.bound_handling, x_tree),
-        )
-
-    def swarm_mean(x):
-        """``[1, ...]`` mean over the (real) particles of a ``[Pl, ...]`` leaf."""
-        if not sharded:
-            return jnp.mean(x, axis=0, keepdims=True)
-        # A sum of per-shard sums: the mean up to rounding (another sum order).
-        inert = inert_rows()
-        if inert is not None:
-            x = jnp.where(inert.reshape((Pl,) + (1,) * (x.ndim - 1)), 0, x)
-        acc = jnp.promote_types(x.dtype, jnp.float32)
-        total = jax.lax.psum(jnp.sum(x, axis=0, keepdims=True, dtype=acc), axis)
-        return (total / num_real).astype(x.dtype)
-
-    def cso_move(key, state, hp, f_score):
-        key_pair, key_r = jax.random.split(key)
-        # The pairing is drawn over the whole swarm (the same on every shard).
-        perm = jax.random.permutation(key_pair, P)
-        half = P // 2
-        a, b = perm[:half], perm[half : 2 * half]
-        f_all = gather_all(f_score)
-        a_wins = f_all[a] <= f_all[b]
-        loser = jnp.where(a_wins, b, a)
-        partner = jnp.arange(P).at[a].set(b).at[b].set(a)
-        is_loser = jnp.zeros((P,), bool).at[loser].set(True)
-        x_partner = None
-        if sharded:
-            partner = jax.lax.dynamic_slice_in_dim(partner, row0(), Pl)
-            is_loser = jax.lax.dynamic_slice_in_dim(is_loser, row0(), Pl)
-            x_partner = gather_rows(state.positions, partner)
-        keys = leaf_keys(key_r, state.positions, 4)
-        phi = hp.social
-
-        def one(i, x, v, xp, lo, hi, vs, handling):
-            xbar = swarm_mean(x)
-            if xp is None:
-                xp = x[partner]
-            r1 = factors(keys[i][0], x)
-            r2 = factors(keys[i][1], x)
-            r3 = factors(keys[i][2], x)
-            v_l = r1 * v + r2 * (xp - x) + phi * r3 * (xbar - x)
-            x_l, v_l = finish(i, keys, x, v_l, lo, hi, vs, handling, hp)
-            c = is_loser.reshape((Pl,) + (1,) * (x.ndim - 1))
-            return jnp.where(c, x_l, x), jnp.where(c, v_l, v)
-
-        positions, velocities = map_leaves(
-            one,
-            state.positions,
-            state.velocities,
-            x_partner,
-            state.low,
-            state.high,
-            state.vscale,
-            _normalize_handling(config.bound_handling, state.positions),
-        )
-        return positions, velocities, is_loser
-
-    def remedy(key, state, hp, positions, velocities, pbest, pbest_fitness, f_score):
-        """Re-place the worst ``restart_fraction`` of particles (stagnation)."""
-        f_all = gather_all(f_score)  # the ranking is over the whole swarm
-        if config.num_inert:  # padding is never chosen (and does not count)
-            f_all = jnp.where(np.arange(P) >= num_real, -jnp.inf, f_all)
-        order = jnp.argsort(-f_all, stable=True)  # worst first
-        rank = jnp.zeros((P,), jnp.int32).at[order].set(jnp.arange(P, dtype=jnp.int32))
-        n_sel = jnp.ceil(hp.restart_fraction * num_real).astype(jnp.int32)
-        if sharded:
-            rank = jax.lax.dynamic_slice_in_dim(rank, row0(), Pl)
-        sel = rank < n_sel
-        template = state.best_params
-        if config.stagnation == "resample":
-            new_x, new_v = sample_positions(
-                key, template, state.low, state.high, hp, state.frozen_params
-            )
-        else:
-            keys = leaf_keys(key, template, 2)
-
-            def around_best(i, b, vs, lo, hi, v_old):
-                scale = hp.init_scale if vs is None else vs
-                x = b[None] + hp.perturb_scale * scale * normal(
-                    keys[i][0], v_old.shape, v_old.dtype
-                )
-                if lo is not None:
-                    x = jnp.clip(x, lo, hi)
-                return x.astype(v_old.dtype), jnp.zeros_like(v_old)
-
-            new_x, new_v = map_leaves(
-                around_best, template, state.vscale, state.low, state.high, velocities
-            )
-        positions = tree_where(sel, new_x, positions)
-        velocities = tree_where(sel, new_v, velocities)
-        if pbest is not None:
-            pbest = tree_where(sel, new_x, pbest)
-        pbest_fitness = jnp.where(sel, worst, pbest_fitness)
-        return positions, velocities, pbest, pbest_fitness
-
-    def tell(key: PRNGKey, state: PSOState, fitness: jax.Array, hparams=None):
-        """Update bests with ``fitness`` of ``state.positions`` and move the swarm.
-
-        Args:
-          key: a ``jax.random.key``.
-          state: the current :class:`PSOState`.
-          fitness: ``[P]`` float, the fitness of ``ask(state)`` (NaN/inf allowed:
-            they count as the worst value).
-          hparams: a :class:`PSOHyperParams` (traced is fine).
-
-        Returns:
-          ``(new_state, StepInfo)``.
-        """
-        if hparams is None:
-            hparams = default_hparams
-        fitness = jnp.asarray(fitness)
-        if fitness.shape != (Pl,):
-            where = f" (this shard's {Pl} of {P})" if sharded else ""
-            raise ValueError(
-                f"fitness must have shape ({Pl},){where} (one scalar per particle), "
-                f"got {fitness.shape}"
-            )
-        hp = resolve(hparams, state.step)
-        key_move, key_links, key_remedy = jax.random.split(key, 3)
-        f = sanitize(fitness.astype(jnp.float32))
-        inert = inert_rows()
-        if inert is not None:  # padding: always the worst, so never a best
-            f = jnp.where(inert, worst, f)
-        f_score = score(f)
-        improved = f_score < score(state.pbest_fitness)
-        pbest_fitness = jnp.where(improved, f, state.pbest_fitness)
-        p_score = score(pbest_fitness)
-
-        if config.variant == "cso":
-            pbest = None
-            positions, velocities, is_loser = cso_move(key_move, state, hp, f_score)
-            # The best is a winner (ties go to winners), which did not move: read
-            # it from the new positions so the old buffer can be updated in place.
-            g, cand_fit = global_argmin(jnp.where(is_loser, jnp.inf, f_score), f)
-            cand_params = take_row(positions, g)
-        else:
-            g, cand_fit = global_argmin(p_score, pbest_fitness)
-            pbest = tree_where(improved, state.positions, state.pbest_params)
-            cand_params = take_row(pbest, g)
-            positions, velocities = move(
-                key_move, state, hp, pbest, p_score, improved, g, cand_params
-            )
-        better = score(cand_fit) < score(state.best_fitness)
-        best_fitness = jnp.where(better, cand_fit, state.best_fitness)
-        best_params = jax.tree.map(
-            lambda c, b: jnp.where(better, c, b), cand_params, state.best_params
-        )
-        # Stall count: steps since the best improved by more than stall_tol.
-        gain = score(state.best_fitness) - score(best_fitness)
-        progressed = (gain > hp.stall_tol) | (
-            jnp.isinf(score(state.best_fitness)) & better
-        )
-        stall_count = jnp.where(progressed, 0, state.stall_count + 1)
-        restarted = jnp.zeros((), bool)
-        num_restarts = state.num_restarts
-        if config.stagnation is not None:
-            restarted = stall_count >= hp.stall_patience
-            tmp = state.replace(best_params=best_params)
-            positions, velocities, pbest, pbest_fitness = jax.lax.cond(
-                restarted,
-                lambda: remedy(
-                    key_remedy,
-                    tmp,
-                    hp,
-                    positions,
-                    velocities,
-                    pbest,
-                    pbest_fitness,
-                    f_score,
-                ),
-                lambda: (positions, velocities, pbest, pbest_fitness),
-            )
-            stall_count = jnp.where(restarted, 0, stall_count)
-            num_restarts = num_restarts + restarted.astype(jnp.int32)
-        links = state.links
-        if config.topology == "random":
-            links = jnp.where(better, links, draw_links(key_links))
-        finite = jnp.isfinite(f)
-        num_nonfinite = jnp.sum(~finite).astype(jnp.int32)
-        num_improved = jnp.sum(improved).astype(jnp.int32)
-        if sharded:
-            if inert is not None:
-                num_nonfinite = jnp.sum(~finite & ~inert).astype(jnp.int32)
-            num_nonfinite = jax.lax.psum(num_nonfinite, axis)
-            num_improved = jax.lax.psum(num_improved, axis)
-        # From the whole [P] vector, so the sum is the unsharded one bit for bit.
-        f_all = gather_all(f)
-        finite_all = jnp.isfinite(f_all)
-        mean_fitness = jnp.sum(jnp.where(finite_all, f_all, 0.0)) / jnp.sum(finite_all)
-        new_state = state.replace(
-            positions=positions,
-            velocities=velocities,
-            fitness=f,
-            pbest_params=pbest,
-            pbest_fitness=pbest_fitness,
-            best_params=best_params,
-            best_fitness=best_fitness,
-            links=links,
-            step=state.step + 1,
-            stall_count=stall_count,
-            num_restarts=num_restarts,
-        )
-        info = StepInfo(
-            fitness=f,
-            best_fitness=best_fitness,
-            mean_fitness=mean_fitness,
-            num_nonfinite=num_nonfinite,
-            num_improved=num_improved,
-            stall_count=stall_count,
-            restarted=restarted,
-        )
-        return new_state, info
-
-    def evaluate(state: PSOState, batch) -> jax.Array:
-        """``[P]`` fitness of every particle on ``batch`` (vmapped ``fitness_fn``)."""
-        if fitness_fn is None:
-            raise ValueError(
-                "this optimizer was built without fitness_fn: pass one to pso(), "
-                "or evaluate yourself and call tell()"
-            )
-
-        def one(p, frozen, b):
-            return fitness_fn(combine(p, frozen), b)
-
-        out = jax.vmap(one, in_axes=(0, None, None))(
-            state.positions, state.frozen_params, batch
-        )
-        if jnp.shape(out) != (Pl,):
-            raise ValueError(
-                "fitness_fn must return a scalar for one particle; it returned shape "
-                f"{jnp.shape(out)[1:]} per particle"
-            )
-        if config.data_axis is not None:
-            # Each device saw one slice of the batch: the mean of the slices'
-            # fitness is the whole batch's for a fitness that is a batch mean.
-            out = jax.lax.pmean(out, config.data_axis)
-        return out
-
-    def step(key: PRNGKey, state: PSOState, batch: Any = None, hparams=None):
-        """Evaluate every particle on ``batch``, update the bests, move the swarm.
-
-        Args:
-          key: a ``jax.random.key``.
-          state: the current :class:`PSOState`.
-          batch: passed to ``fitness_fn`` unchanged (shared by all particles).
-          hparams: a :class:`PSOHyperParams` (traced is fine).
-
-        Returns:
-          ``(new_state, StepInfo)``.
-        """
-        key_vel, key_eval = jax.random.split(key)
-        del key_eval  # fitness_fn is deterministic; kept for a stable key layout
-        return tell(key_vel, state, evaluate(state, batch), hparams)
-
-    step.evaluate = evaluate
-    return SwarmOptimizer(
-        init=init,
-        step=step,
-        tell=tell,
-        ask=ask,
-        default_hparams=default_hparams,
-        num_particles=P,
+    opt = SwarmOptimizer(
+        init=functools.partial(init, config=config),
+        step=build_step(config, fitness_fn),
+        tell=functools.partial(tell, config=config),
+        ask=functools.partial(ask, config=config),
+        rescore=functools.partial(rescore, config=config),
+        default_hparams=config.default_hparams,
+        num_particles=config.num_particles,
         config=config,
     )
+    if mesh is None:
+        return opt
+    check = functools.partial(validate_hparams, variant=variant)
+    return sharding_lib.shard_optimizer(opt, mesh, PSOState, check_hparams=check)
 
 
 def swarm_mask(swarmed: PyTree) -> PyTree:
@@ -1296,13 +1155,8 @@ def swarm_mask(swarmed: PyTree) -> PyTree:
     return jax.tree.map(lambda s: s is not None, swarmed, is_leaf=lambda x: x is None)
 
 
-def _flat_aligned(tree, template):
-    """Leaves of ``tree`` (``None`` kept) aligned with ``template``'s leaves."""
-    return jax.tree.structure(template).flatten_up_to(tree)
-
-
-def best_params(state: PSOState) -> PyTree:
-    """The full best parameters (swarmed best merged with the frozen leaves).
+def best_solution(state: PSOState) -> PyTree:
+    """The full best parameters: the swarmed ``state.best_params`` and the frozen.
 
     >>> import jax, jax.numpy as jnp
     >>> params = {"body": jnp.ones(3), "head": jnp.zeros(2)}
@@ -1310,7 +1164,7 @@ def best_params(state: PSOState) -> PyTree:
     ...           mask={"body": False, "head": True})
     >>> state = opt.init(jax.random.key(0), params)
     >>> state, _ = opt.step(jax.random.key(1), state)
-    >>> best = best_params(state)  # the swarmed head and the frozen body, together
+    >>> best = best_solution(state)  # the swarmed head and the frozen body, together
     >>> best["head"].shape, best["body"].tolist()
     ((2,), [1.0, 1.0, 1.0])
     """

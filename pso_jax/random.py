@@ -193,6 +193,25 @@ def _row_offset_u32(row_offset, num_rows: int) -> jax.Array:
     return row_offset.astype(jnp.uint32)
 
 
+def _check_args(impl, shape, dtype, fn_name: str, row_offset):
+    """Checked ``(shape, dtype)`` of a draw; ``impl="jax"`` cannot take an offset."""
+    _check_impl(impl)
+    shape = _check_shape(shape)
+    dtype = _check_dtype(dtype, fn_name)
+    if impl == "jax" and not _is_zero(row_offset):
+        raise ValueError(
+            "impl='jax' does not support row_offset (jax.random streams "
+            f"cannot be offset by rows); got row_offset={row_offset!r}. "
+            "Use impl='hash'."
+        )
+    return shape, dtype
+
+
+def _seeds_and_row(key, shape, row_offset):
+    """The hash generator's 4 seed words (the only key work) and first row."""
+    return jax.random.bits(key, (4,), jnp.uint32), _row_offset_u32(row_offset, shape[0])
+
+
 def _hash_bits(
     seeds: jax.Array, shape: tuple[int, ...], row: jax.Array, word: int
 ) -> jax.Array:
@@ -311,19 +330,10 @@ def uniform(
       ValueError: unknown ``impl``, unsupported ``dtype``, bad ``shape`` or
         ``row_offset``, or a nonzero ``row_offset`` with ``impl="jax"``.
     """
-    _check_impl(impl)
-    shape = _check_shape(shape)
-    dtype = _check_dtype(dtype, "uniform")
+    shape, dtype = _check_args(impl, shape, dtype, "uniform", row_offset)
     if impl == "jax":
-        if not _is_zero(row_offset):
-            raise ValueError(
-                "impl='jax' does not support row_offset (jax.random streams "
-                f"cannot be offset by rows); got row_offset={row_offset!r}. "
-                "Use impl='hash'."
-            )
         return jax.random.uniform(key, shape, dtype)
-    row = _row_offset_u32(row_offset, shape[0])
-    seeds = jax.random.bits(key, (4,), jnp.uint32)  # [4]; the only key work
+    seeds, row = _seeds_and_row(key, shape, row_offset)
     return _bits_to_unit(seeds, shape, row, dtype)
 
 
@@ -365,19 +375,10 @@ def normal(
     Raises:
       ValueError: as in :func:`uniform`.
     """
-    _check_impl(impl)
-    shape = _check_shape(shape)
-    dtype = _check_dtype(dtype, "normal")
+    shape, dtype = _check_args(impl, shape, dtype, "normal", row_offset)
     if impl == "jax":
-        if not _is_zero(row_offset):
-            raise ValueError(
-                "impl='jax' does not support row_offset (jax.random streams "
-                f"cannot be offset by rows); got row_offset={row_offset!r}. "
-                "Use impl='hash'."
-            )
         return jax.random.normal(key, shape, dtype)
-    row = _row_offset_u32(row_offset, shape[0])
-    seeds = jax.random.bits(key, (4,), jnp.uint32)
+    seeds, row = _seeds_and_row(key, shape, row_offset)
     work = dtype if dtype == np.float64 else np.dtype(np.float32)
     u = _bits_to_unit(seeds, shape, row, work)
     return _unit_to_normal(u).astype(dtype)

@@ -11,8 +11,10 @@ partitioner does not split over devices, so under plain ``jit`` every device
 recomputes every particle; and under ``AxisType.Explicit`` meshes the vmapped
 convolution fails with ``ShardingTypeError`` (measured, see ``PERF_NOTES.md``
 and ``benchmarks/sharding.py``). Inside ``shard_map`` each device runs the
-unsharded code on its block of particles, and the few swarm-wide quantities
-cross devices by explicit collectives:
+same kernel as one device does on its block of particles: the kernel is
+written once against the swarm axis of :mod:`pso_jax.swarm_axis`, whose
+``ShardedAxis`` makes the few swarm-wide quantities cross devices by explicit
+collectives:
 
 - the global best: each shard's best (value and global index) is all-gathered,
   the first of the best wins (so ties resolve as ``argmin`` on one device), and
@@ -66,9 +68,8 @@ import jax.numpy as jnp
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from pso_jax import train as train_lib
-from pso_jax.base import StepInfo, SwarmOptimizer
-from pso_jax.pso import PSOState, validate_hparams
+from pso_jax.base import PARTICLE_AXIS_FIELD, SUBSTATE_FIELD, StepInfo, SwarmOptimizer
+from pso_jax.swarm_axis import ShardedAxis, invariant
 from pso_jax.types import PRNGKey, PyTree
 
 __all__ = [
@@ -78,24 +79,22 @@ __all__ = [
     "abstract_state",
     "bytes_per_device",
     "initialize_distributed",
+    "batch_specs",
     "make_mesh",
-    "make_train_step",
     "mesh_axes",
     "padded_num_particles",
+    "shard_init",
     "shard_optimizer",
     "shard_state",
+    "shard_step",
+    "state_prefix",
     "state_shardings",
     "state_specs",
+    "swarm_axis",
 ]
 
 PARTICLE_AXIS = "particles"
 DATA_AXIS = "data"
-# PSOState fields with a leading particle axis; the others are swarm-wide.
-_PER_PARTICLE = frozenset(
-    ("positions", "velocities", "fitness", "pbest_params", "pbest_fitness", "links")
-)
-# TrainState fields with a leading particle axis besides the swarm.
-_TRAIN_PER_PARTICLE = frozenset(("opt_state",))
 
 
 class ShardedSwarmOptimizer(NamedTuple):
@@ -111,15 +110,15 @@ class ShardedSwarmOptimizer(NamedTuple):
         per-particle leaves are sharded ``P("particles")``.
       step: ``step(key, state, batch=None, hparams=None) -> (state, StepInfo)``;
         ``batch`` is replicated, or split on its leading axis over ``"data"``.
-        ``step.evaluate(state, batch)`` gives the ``[P]`` fitness alone.
       tell: ``tell(key, state, fitness [P], hparams=None)``.
       ask: ``ask(state) -> params`` with ``[P, ...]`` leaves, sharded.
+      rescore: the unsharded one (elementwise, so it works on global arrays).
       default_hparams: the variant's ``PSOHyperParams``.
       num_particles: ``P``, padding included.
       config: the static ``PSOConfig`` (``num_shards``, ``num_inert``, ...).
       local: the per-shard ``SwarmOptimizer``: the same functions on one shard's
         particles, with collectives over the mesh axes, for use inside your own
-        ``jax.shard_map`` (as :func:`make_train_step` does).
+        ``jax.shard_map`` (as :func:`pso_jax.train.make_train_step` does).
       mesh: the ``jax.sharding.Mesh``.
     """
 
@@ -127,6 +126,7 @@ class ShardedSwarmOptimizer(NamedTuple):
     step: Callable
     tell: Callable
     ask: Callable
+    rescore: Callable
     default_hparams: Any
     num_particles: int
     config: Any
@@ -241,57 +241,68 @@ def padded_num_particles(num_particles: int, num_devices: int, pad: bool = False
     )
 
 
-def _field_specs(state, per_particle, axis, sub=None):
-    """``{field: spec}`` for a dataclass state (a prefix for ``shard_map``)."""
-    out = {}
-    for f in dataclasses.fields(state):
-        if sub is not None and f.name in sub:
-            out[f.name] = sub[f.name]
-        else:
-            out[f.name] = P(axis) if f.name in per_particle else P()
-    return out
+def swarm_axis(mesh: Mesh, num_particles: int, pad: bool = False) -> ShardedAxis:
+    """The :class:`~pso_jax.swarm_axis.ShardedAxis` of a swarm on ``mesh``.
 
-
-def _swarm_prefix(axis: str) -> PSOState:
-    return PSOState(**_field_specs(PSOState, _PER_PARTICLE, axis))
-
-
-def _train_prefix(axis: str):
-    # Built from the dataclass fields so that TrainState can grow fields (they
-    # are replicated unless listed in _TRAIN_PER_PARTICLE).
-    sub = {"swarm": _swarm_prefix(axis)}
-    return train_lib.TrainState(
-        **_field_specs(train_lib.TrainState, _TRAIN_PER_PARTICLE, axis, sub)
+    Raises:
+      ValueError: for a mesh without a ``"particles"`` axis, or a swarm size that
+        does not divide over its devices without ``pad``.
+    """
+    num_shards, data_axis = mesh_axes(mesh)
+    padded = padded_num_particles(num_particles, num_shards, pad)
+    return ShardedAxis(
+        num_particles=padded,
+        num_inert=padded - num_particles,
+        num_shards=num_shards,
+        particle_axis=PARTICLE_AXIS,
+        data_axis=data_axis,
     )
+
+
+def state_prefix(state_type: type, axis: str = PARTICLE_AXIS) -> Any:
+    """A ``state_type`` whose fields are ``PartitionSpec`` s: a prefix of its trees.
+
+    Fields made with :func:`pso_jax.base.particle_field` get ``P(axis)``, fields
+    made with :func:`pso_jax.base.substate_field` the prefix of their state type,
+    the others ``P()`` (replicated). Used as ``jax.shard_map`` specs.
+    """
+    if not (isinstance(state_type, type) and dataclasses.is_dataclass(state_type)):
+        raise ValueError(
+            "state must be a PSOState or a train.TrainState (a dataclass state), "
+            f"got {state_type}"
+        )
+    specs = {}
+    for f in dataclasses.fields(state_type):
+        if f.metadata.get(PARTICLE_AXIS_FIELD):
+            specs[f.name] = P(axis)
+        elif SUBSTATE_FIELD in f.metadata:
+            specs[f.name] = state_prefix(f.metadata[SUBSTATE_FIELD], axis)
+        else:
+            specs[f.name] = P()
+    return state_type(**specs)
 
 
 def state_specs(state: Any, axis: str = PARTICLE_AXIS) -> Any:
     """The ``PartitionSpec`` of every leaf of a swarm or train state.
 
     Per-particle leaves (positions, velocities, fitness, personal bests, random
-    links, and the per-particle optax state of a ``TrainState``) get
-    ``P(axis)`` on their leading axis; the rest (bests, bounds, frozen leaves,
-    counters, key) ``P()``, replicated.
+    links, and the per-particle optax state of a ``TrainState``: the fields a
+    state type marks with :func:`pso_jax.base.particle_field`) get ``P(axis)``
+    on their leading axis; the rest (bests, bounds, frozen leaves, counters,
+    key) ``P()``, replicated.
 
     Args:
-      state: a ``PSOState`` or ``train.TrainState``, of arrays or abstract
-        ``jax.ShapeDtypeStruct`` (e.g. from ``jax.eval_shape``).
+      state: a ``PSOState`` or ``train.TrainState`` (any such dataclass state),
+        of arrays or abstract ``jax.ShapeDtypeStruct`` (e.g. from
+        ``jax.eval_shape``).
       axis: the particle axis name.
 
     Returns:
       A tree of ``state``'s structure with ``PartitionSpec`` leaves.
     """
-    if isinstance(state, PSOState):
-        prefix = _swarm_prefix(axis)
-    elif isinstance(state, train_lib.TrainState):
-        prefix = _train_prefix(axis)
-    else:
-        raise ValueError(
-            f"state must be a PSOState or a train.TrainState, got {type(state)}"
-        )
     return jax.tree.map(
         lambda spec, sub: jax.tree.map(lambda _: spec, sub),
-        prefix,
+        state_prefix(type(state), axis),
         state,
         is_leaf=lambda x: isinstance(x, P),
     )
@@ -350,7 +361,7 @@ def bytes_per_device(tree: PyTree) -> dict[jax.Device, int]:
     return out
 
 
-def _batch_specs(batch: Any, data_axis: str | None, mesh: Mesh) -> Any:
+def batch_specs(batch: Any, data_axis: str | None, mesh: Mesh) -> Any:
     """Replicated, or split on the leading axis over ``data_axis``."""
     if data_axis is None:
         return P()
@@ -370,284 +381,142 @@ def _step_info_specs(axis: str) -> StepInfo:
     return StepInfo(*[P(axis) if f == "fitness" else P() for f in StepInfo._fields])
 
 
-def shard_optimizer(optimizer: SwarmOptimizer, mesh: Mesh) -> ShardedSwarmOptimizer:
-    """Wrap a per-shard optimizer's functions in ``jax.shard_map`` over ``mesh``.
+def _make_invariant(tree: Any, prefix: Any) -> Any:
+    """The replicated (``P()``) parts of ``tree`` typed invariant (shard 0's)."""
+    return jax.tree.map(
+        lambda spec, sub: sub if spec != P() else jax.tree.map(invariant, sub),
+        prefix,
+        tree,
+        is_leaf=lambda x: isinstance(x, P),
+    )
 
-    ``pso(..., mesh=mesh)`` calls this for you; ``optimizer`` must have been
-    built for the mesh (its config names the particle axis and shard count).
+
+def shard_init(
+    init_fn: Callable,
+    mesh: Mesh,
+    prefix: Any,
+    default_hparams: Any,
+    check_hparams: Callable | None = None,
+) -> Callable:
+    """``init(key, params_template, hparams=None)`` of a per-shard ``init_fn``.
+
+    One ``jax.shard_map`` over ``mesh``: the key, template and hyperparameters
+    replicated, the state laid out as ``prefix`` (:func:`state_prefix`).
+    ``check_hparams`` sees the concrete hyperparameters before tracing.
+    """
+
+    def init(key: PRNGKey, params_template: PyTree, hparams: Any = None):
+        hparams = default_hparams if hparams is None else hparams
+        if check_hparams is not None:
+            check_hparams(hparams)
+        fn = jax.shard_map(
+            init_fn, mesh=mesh, in_specs=(P(), P(), P()), out_specs=prefix
+        )
+        return fn(key, params_template, hparams)
+
+    return init
+
+
+def shard_step(
+    step_fn: Callable,
+    mesh: Mesh,
+    prefix: Any,
+    info_prefix: Any,
+    default_hparams: Any,
+    data_axis: str | None = None,
+) -> Callable:
+    """``step(key, state, batch=None, hparams=None)`` of a per-shard ``step_fn``.
+
+    One ``jax.shard_map`` over ``mesh``: the state laid out as ``prefix``, the
+    batch replicated or split on its leading axis over ``data_axis``, the
+    second output as ``info_prefix``. Swarm-wide outputs that every shard
+    computed alike from its own inputs (e.g. a best re-evaluated beside the
+    shard's particles) are typed invariant by taking shard 0's, exactly.
+    """
+
+    def local(key, state, batch, hparams):
+        new, info = step_fn(key, state, batch, hparams)
+        return _make_invariant(new, prefix), _make_invariant(info, info_prefix)
+
+    def step(key: PRNGKey, state: Any, batch: Any = None, hparams: Any = None):
+        hparams = default_hparams if hparams is None else hparams
+        fn = jax.shard_map(
+            local,
+            mesh=mesh,
+            in_specs=(P(), prefix, batch_specs(batch, data_axis, mesh), P()),
+            out_specs=(prefix, info_prefix),
+        )
+        return fn(key, state, batch, hparams)
+
+    return step
+
+
+def shard_optimizer(
+    optimizer: SwarmOptimizer,
+    mesh: Mesh,
+    state_type: type,
+    check_hparams: Callable | None = None,
+) -> ShardedSwarmOptimizer:
+    """Wrap a per-shard swarm optimizer into one on global (sharded) arrays.
+
+    :func:`pso_jax.pso` does this for ``mesh=``: each function is one
+    ``jax.shard_map`` of the per-shard function (jit it once at the top level).
 
     Args:
-      optimizer: the per-shard ``SwarmOptimizer`` (``ShardedSwarmOptimizer.local``).
+      optimizer: the per-shard ``SwarmOptimizer``, built on a
+        :class:`~pso_jax.swarm_axis.ShardedAxis` of ``mesh``
+        (``optimizer.config.axis``).
       mesh: the mesh it was built for.
+      state_type: its state's dataclass (its fields mark their layout).
+      check_hparams: checks concrete hyperparameters before ``init`` traces.
 
     Returns:
       A :class:`ShardedSwarmOptimizer`.
     """
     config = optimizer.config
-    axis, data_axis = config.particle_axis, config.data_axis
-    if axis is None:
+    axis = config.axis
+    if not isinstance(axis, ShardedAxis):
         raise ValueError("optimizer is not sharded: build it with pso(..., mesh=mesh)")
     num_shards, mesh_data = mesh_axes(mesh)
-    if (num_shards, mesh_data) != (config.num_shards, data_axis):
+    if (num_shards, mesh_data) != (axis.num_shards, axis.data_axis):
         raise ValueError(
-            f"optimizer was built for {config.num_shards} particle shards (data axis "
-            f"{data_axis!r}), the mesh has {num_shards} ({mesh_data!r})"
+            f"optimizer was built for {axis.num_shards} particle shards (data axis "
+            f"{axis.data_axis!r}), the mesh has {num_shards} ({mesh_data!r})"
         )
-    swarm = _swarm_prefix(axis)
-    info = _step_info_specs(axis)
+    swarm = state_prefix(state_type, axis.particle_axis)
+    info = _step_info_specs(axis.particle_axis)
+    default = optimizer.default_hparams
 
     def smap(fn, in_specs, out_specs):
         return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
 
-    def hp_or_default(hparams):
-        return optimizer.default_hparams if hparams is None else hparams
-
-    def init(key: PRNGKey, params_template: PyTree, hparams: Any = None) -> PSOState:
-        hparams = hp_or_default(hparams)
-        validate_hparams(hparams, config.variant)
-        fn = smap(optimizer.init, (P(), P(), P()), swarm)
-        return fn(key, params_template, hparams)
-
-    def step(key: PRNGKey, state: PSOState, batch: Any = None, hparams: Any = None):
-        bspec = _batch_specs(batch, data_axis, mesh)
-        fn = smap(optimizer.step, (P(), swarm, bspec, P()), (swarm, info))
-        return fn(key, state, batch, hp_or_default(hparams))
-
-    def evaluate(state: PSOState, batch: Any = None) -> jax.Array:
-        bspec = _batch_specs(batch, data_axis, mesh)
-        fn = smap(optimizer.step.evaluate, (swarm, bspec), P(axis))
-        return fn(state, batch)
-
-    def tell(key: PRNGKey, state: PSOState, fitness: jax.Array, hparams: Any = None):
+    def tell(key: PRNGKey, state: Any, fitness: jax.Array, hparams: Any = None):
         fitness = jnp.asarray(fitness)
-        if fitness.shape != (config.num_particles,):
+        if fitness.shape != (axis.num_particles,):
             raise ValueError(
-                f"fitness must have shape ({config.num_particles},) (one scalar per "
+                f"fitness must have shape ({axis.num_particles},) (one scalar per "
                 f"particle), got {fitness.shape}"
             )
-        fn = smap(optimizer.tell, (P(), swarm, P(axis), P()), (swarm, info))
-        return fn(key, state, fitness, hp_or_default(hparams))
+        fn = smap(
+            optimizer.tell, (P(), swarm, P(axis.particle_axis), P()), (swarm, info)
+        )
+        return fn(key, state, fitness, default if hparams is None else hparams)
 
-    def ask(state: PSOState) -> PyTree:
-        return smap(optimizer.ask, (swarm,), P(axis))(state)
+    def ask(state: Any) -> PyTree:
+        return smap(optimizer.ask, (swarm,), P(axis.particle_axis))(state)
 
-    step.evaluate = evaluate
     return ShardedSwarmOptimizer(
-        init=init,
-        step=step,
+        init=shard_init(optimizer.init, mesh, swarm, default, check_hparams),
+        step=shard_step(optimizer.step, mesh, swarm, info, default, axis.data_axis),
         tell=tell,
         ask=ask,
-        default_hparams=optimizer.default_hparams,
-        num_particles=config.num_particles,
+        rescore=optimizer.rescore,
+        default_hparams=default,
+        num_particles=axis.num_particles,
         config=config,
         local=optimizer,
         mesh=mesh,
     )
-
-
-def make_train_step(
-    apply_fn: Callable[[PyTree, jax.Array], jax.Array],
-    optimizer: ShardedSwarmOptimizer,
-    *,
-    fitness: str | Callable[[jax.Array, jax.Array], jax.Array] = "cross_entropy",
-    grad_loss: Callable[[jax.Array, jax.Array], jax.Array] = train_lib.cross_entropy,
-    **kwargs: Any,
-) -> train_lib.Trainer:
-    """The fused swarm train step of :func:`pso_jax.train.make_train_step`, sharded.
-
-    Each device runs the train step on its own particles (their forward passes,
-    gradient steps and swarm update), inside one ``jax.shard_map``; bests and
-    metrics cross devices as in :class:`ShardedSwarmOptimizer`. With a ``"data"``
-    axis each device sees its slice of the batch and the fitness is combined
-    over the slices: ``"cross_entropy"``, ``"error_rate"``, a callable fitness and
-    ``grad_loss`` by their mean (so a callable must be a mean over the batch),
-    ``"macro_f1"`` from the summed confusion matrices (exact).
-
-    Args:
-      apply_fn: as for :func:`pso_jax.train.make_train_step`.
-      optimizer: from ``pso(..., mesh=mesh)``.
-      fitness, grad_loss, **kwargs: as for :func:`pso_jax.train.make_train_step`.
-
-    A ``batch_fn`` (augmentation) runs inside the ``shard_map``: with a
-    ``"data"`` axis it sees only this device's slice of the batch and the same
-    key on every slice, so it must draw per clip from the slice's position in
-    the whole batch (``jax.lax.axis_index("data")``) to match the unsharded run
-    (as :func:`pso_jax.experiment.train` does), or its slices get correlated
-    draws.
-
-    Returns:
-      A :class:`pso_jax.train.Trainer` whose ``init``, ``step`` and ``scan`` take
-      and return global (sharded) train states. ``step`` takes the global batch
-      (replicated, or split on its leading axis over ``"data"``); ``scan`` a
-      stack of them (``[k, B, ...]``) and runs ``k`` sharded steps in one
-      ``lax.scan``. The metrics equal the unsharded step's; ``grad_loss`` is the
-      mean over shards (equal up to float rounding; with ``pad`` it includes the
-      inert particles' gradient steps). ``evaluate_logits`` is the unsharded
-      one: evaluate gathered particles on one device.
-    """
-    if not isinstance(optimizer, ShardedSwarmOptimizer):
-        raise ValueError(
-            "optimizer must be a ShardedSwarmOptimizer (pso(..., mesh=mesh)), got "
-            f"{type(optimizer).__name__}; use pso_jax.train.make_train_step otherwise"
-        )
-    config, mesh = optimizer.config, optimizer.mesh
-    axis, data_axis = config.particle_axis, config.data_axis
-    # Validates fitness / kwargs and gives the direction before any wrapping.
-    plain = train_lib.make_train_step(
-        apply_fn, optimizer.local, fitness=fitness, grad_loss=grad_loss, **kwargs
-    )
-    maximize = plain.maximize
-    if data_axis is None:
-        trainer = plain
-    else:
-
-        def apply_on_data_slice(params, video):
-            # The parameters enter the model already varying over the data
-            # axis, as the video slice does. For plain autodiff this changes
-            # nothing (the psum of the slices' gradients is this cast's
-            # transpose either way), but a model with a custom VJP (e.g.
-            # pso_jax.models.layers.call_per_particle) must return cotangents
-            # typed like its inputs, and its gradients vary over the slices.
-            return apply_fn(_vary_over(params, data_axis), video)
-
-        trainer = train_lib.make_train_step(
-            apply_on_data_slice,
-            optimizer.local,
-            fitness=_data_fitness(fitness, data_axis),
-            grad_loss=_data_mean(grad_loss, data_axis),
-            **kwargs,
-        )
-    state_prefix = _train_prefix(axis)
-    sign = -1.0 if maximize else 1.0
-
-    def init(key: PRNGKey, params_template: PyTree, hparams: Any = None):
-        if hparams is None:
-            hparams = optimizer.default_hparams
-        validate_hparams(hparams, config.variant)
-        fn = jax.shard_map(
-            trainer.init,
-            mesh=mesh,
-            in_specs=(P(), P(), P()),
-            out_specs=state_prefix,
-        )
-        return fn(key, params_template, hparams)
-
-    def local_step(key, state, batch, hparams):
-        new, m = trainer.step(key, state, batch, hparams)
-        acc = m.batch_accuracy
-        if data_axis is not None:
-            acc = jax.lax.pmean(acc, data_axis)
-        # This batch's best particle: the first best of the shards' bests, as
-        # argmin over the whole swarm would pick.
-        k = jnp.where(
-            jnp.isfinite(m.batch_best_fitness), sign * m.batch_best_fitness, jnp.inf
-        )
-        s = jnp.argmin(_all_gather(k, axis))
-        m = m._replace(
-            batch_best_fitness=_all_gather(m.batch_best_fitness, axis)[s],
-            batch_accuracy=_all_gather(acc, axis)[s],
-            grad_loss=jax.lax.pmean(m.grad_loss, axis),
-        )
-        # Swarm-wide values that every shard computed alike (e.g. the best's
-        # re-evaluation, stacked with the shard's own particles) are typed as
-        # varying: take shard 0's, exactly.
-        new = jax.tree.map(
-            lambda spec, sub: sub if spec != P() else jax.tree.map(_invariant, sub),
-            state_prefix,
-            new,
-            is_leaf=lambda x: isinstance(x, P),
-        )
-        return new, jax.tree.map(_invariant, m)
-
-    def step(key: Any, state: Any, batch: Any, hparams: Any = None):
-        if hparams is None:
-            hparams = optimizer.default_hparams
-        metrics_spec = P()  # every metric is swarm-wide (a prefix for all fields)
-        fn = jax.shard_map(
-            local_step,
-            mesh=mesh,
-            in_specs=(P(), state_prefix, _batch_specs(batch, data_axis, mesh), P()),
-            out_specs=(state_prefix, metrics_spec),
-        )
-        return fn(key, state, batch, hparams)
-
-    def scan(state: Any, batches: Any, hparams: Any = None):
-        # The plain trainer's scan closes over the per-shard step: scan the
-        # sharded one instead. Still one computation under jit, and the carry
-        # keeps its layout (each step's shard_map takes and gives the same specs).
-        return jax.lax.scan(lambda s, b: step(None, s, b, hparams), state, batches)
-
-    # evaluate_logits: the plain one, for gathered particles outside shard_map.
-    return trainer._replace(
-        init=init, step=step, scan=scan, evaluate_logits=plain.evaluate_logits
-    )
-
-
-def _vary_over(tree: PyTree, axis: str) -> PyTree:
-    """``tree`` typed as varying over ``axis`` inside ``shard_map`` (a no-op cast)."""
-
-    def one(x):
-        if axis in _varying_axes(x):
-            return x
-        return jax.lax.pcast(x, axis, to="varying")
-
-    return jax.tree.map(one, tree)
-
-
-def _invariant(x: jax.Array) -> jax.Array:
-    """``x`` as the value of the first device along every mesh axis it varies on.
-
-    For values that are equal on all devices but computed from varying inputs
-    (which ``shard_map``'s replication check cannot know). A ``psum`` of the bit
-    patterns, zeros elsewhere: exact for any dtype. No-op when ``x`` is already
-    invariant.
-    """
-    axes = tuple(sorted(_varying_axes(x)))
-    if not axes:
-        return x
-    first = sum(jax.lax.axis_index(a) for a in axes) == 0
-    if x.dtype == jnp.bool_:
-        return jax.lax.psum(jnp.where(first, x, False).astype(jnp.int32), axes) > 0
-    uint = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}
-    bits = jax.lax.bitcast_convert_type(x, uint[x.dtype.itemsize])
-    bits = jax.lax.psum(jnp.where(first, bits, jnp.zeros_like(bits)), axes)
-    return jax.lax.bitcast_convert_type(bits, x.dtype)
-
-
-def _varying_axes(x: jax.Array) -> frozenset:
-    """The mesh axes along which ``x`` may differ, inside ``shard_map``."""
-    aval = jax.typeof(x)
-    mat = getattr(aval, "mat", None)  # jax 0.10; older releases call it vma
-    return mat.varying if mat is not None else getattr(aval, "vma", frozenset())
-
-
-def _all_gather(x, axis):
-    # "invarying": the same on every shard, as the replicated out_specs require.
-    return jax.lax.all_gather(x, axis, to="invarying")
-
-
-def _data_mean(fn: Callable, data_axis: str) -> Callable:
-    def mean_over_data(logits, labels):
-        return jax.lax.pmean(fn(logits, labels), data_axis)
-
-    return mean_over_data
-
-
-def _data_fitness(fitness: str | Callable, data_axis: str) -> Callable:
-    if fitness == "macro_f1":
-
-        def macro_f1(logits, labels):
-            cm = train_lib.confusion_matrix(
-                jnp.argmax(logits, -1), labels, logits.shape[-1]
-            )
-            return train_lib.macro_f1_from_confusion(jax.lax.psum(cm, data_axis))
-
-        return macro_f1
-    named = {
-        "cross_entropy": train_lib.cross_entropy,
-        "error_rate": train_lib.error_rate,
-    }
-    return _data_mean(named.get(fitness, fitness), data_axis)
 
 
 _ENV = {

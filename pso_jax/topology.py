@@ -15,6 +15,11 @@ Topologies are by particle *index*, not by distance (Kennedy & Mendes, 2002,
 Fixed neighbourhoods are static ``[P, M]`` index tables (numpy constants built in
 the factory); the random topology keeps a ``[P, P]`` boolean link matrix in the
 swarm state, ``links[i, j] = True`` when ``j`` informs ``i``.
+
+:func:`neighbour_bests` reads every particle's neighbourhood best through a swarm
+axis (:mod:`pso_jax.swarm_axis`), so one function serves one device and a swarm
+split over devices: a fixed neighbourhood is looked up in this block of
+particles extended by a halo of its neighbours (:func:`shard_tables`).
 """
 
 from __future__ import annotations
@@ -188,3 +193,44 @@ def neighbour_best_index(
     table = jnp.asarray(table)
     local = jnp.argmin(score[table], axis=1)  # [P]
     return jnp.take_along_axis(table, local[:, None], axis=1)[:, 0]
+
+
+def neighbour_bests(axis, topology, halo_tables, links, pbest, score, g, g_row):
+    """Each particle's neighbourhood best, read from the (new) personal bests.
+
+    Args:
+      axis: the swarm axis (:class:`pso_jax.swarm_axis.LocalAxis` or
+        ``ShardedAxis``) that ``pbest`` and ``score`` are laid out on.
+      topology: one of :data:`TOPOLOGIES`.
+      halo_tables: ``(halo, tables)`` of :func:`shard_tables` for ``"ring"`` and
+        ``"von_neumann"``; unused otherwise.
+      links: this instance's rows of the random topology's links, or ``None``.
+      pbest: personal bests, ``[n, ...]`` leaves (``n`` rows held here).
+      score: ``[n]`` their minimisation keys (:func:`pso_jax.fitness.score`).
+      g: ``()`` global index of the swarm's best personal best.
+      g_row: its parameters (no particle axis).
+
+    Returns:
+      ``(nbest, is_self)``: a tree of ``[n, ...]`` leaves (``[1, ...]`` for the
+      global topology: ``g_row``, broadcast) and ``[n]`` bool, True where a
+      particle is its own neighbourhood best.
+    """
+    own = axis.own_rows()
+    if topology == "global":
+        return jax.tree.map(lambda r: r[None], g_row), own == g
+    if topology == "random":
+        # Any particle may inform any other: all [P] scores (cheap), then the
+        # chosen rows from wherever they are held.
+        nidx = neighbour_best_index("random", axis.gather_all(score), None, links, own)
+        return axis.gather_rows(pbest, nidx), nidx == own
+    halo, tables = halo_tables
+    if halo == 0:  # one particle per neighbourhood
+        return pbest, jnp.ones(own.shape, bool)
+    # The tables index [left halo | own block | right halo] in the global
+    # table's column order, which keeps ties (and so the trajectory) the same
+    # on any number of devices.
+    tab = axis.own_table(tables)  # [n, M]
+    best = jnp.argmin(axis.halo_scores(score, halo)[tab], axis=1)
+    pos = jnp.take_along_axis(tab, best[:, None], axis=1)[:, 0]  # [n]
+    self_pos = halo + jnp.arange(own.shape[0], dtype=jnp.int32)
+    return axis.halo_rows(pbest, pos, halo), pos == self_pos

@@ -25,9 +25,12 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
+from jax.sharding import PartitionSpec as P
 
-from pso_jax.base import SwarmOptimizer
-from pso_jax.pso import PSOState
+from pso_jax import sharding
+from pso_jax.base import particle_field, substate_field
+from pso_jax.fitness import score, swarm_fitness
+from pso_jax.pso import PSOState, validate_hparams
 from pso_jax.tree_utils import combine
 from pso_jax.types import PRNGKey, PyTree
 
@@ -89,12 +92,24 @@ class TrainState:
       opt_state: per-particle optax state of the hybrid's gradient steps (leading
         ``P`` axis), or ``None`` when ``local_steps == 0``.
       key_data: ``uint32`` key data of the run's base key (plain arrays, so
-        checkpoints hold it); step ``i`` uses ``fold_in(key, swarm.step)``.
+        checkpoints hold it); step ``i`` uses ``fold_in(key, swarm.step)``
+        (:func:`step_key`).
     """
 
-    swarm: PSOState
-    opt_state: PyTree | None
-    key_data: jax.Array
+    swarm: PSOState = substate_field(PSOState)
+    opt_state: PyTree | None = particle_field()
+    key_data: jax.Array = struct.field()
+
+
+def step_key(state: TrainState) -> PRNGKey:
+    """The key of the step ``state`` is about to take: ``fold_in(key, step)``.
+
+    What :attr:`Trainer.scan` passes to every step, so that a resumed run
+    repeats the uninterrupted one exactly.
+    """
+    return jax.random.fold_in(
+        jax.random.wrap_key_data(state.key_data), state.swarm.step
+    )
 
 
 class TrainMetrics(NamedTuple):
@@ -113,13 +128,16 @@ class Trainer(NamedTuple):
 
     Attributes:
       init: ``init(key, params_template, hparams) -> TrainState``.
-      step: ``step(key_unused, state, batch, hparams) -> (TrainState, TrainMetrics)``;
-        the key argument is accepted for the common signature, but the state's
-        own key drives the step so that resumed runs repeat exactly.
+      step: ``step(key, state, batch, hparams) -> (TrainState, TrainMetrics)``;
+        ``key`` drives the step's randomness (the swarm move and ``batch_fn``);
+        ``None`` means :func:`step_key` ``(state)``, the state's own key, which
+        is what :attr:`scan` uses (a restored state then repeats exactly).
       scan: ``scan(state, batches, hparams) -> (TrainState, TrainMetrics)``: ``k``
         steps in one ``lax.scan`` over ``batches`` whose leaves have a leading
-        ``k`` axis; the metrics get that axis too. Jit it with the state donated.
-      evaluate_logits: ``(params [P, ...] or one particle, video) -> logits``.
+        ``k`` axis, step ``i`` keyed by :func:`step_key` (so resumed runs repeat
+        exactly); the metrics get that axis too. Jit it with the state donated.
+      evaluate_logits: ``(params [P, ...], frozen, video) -> logits [P, B, C]``,
+        on one device (for gathered particles).
       maximize: whether the fitness is maximised.
     """
 
@@ -130,9 +148,123 @@ class Trainer(NamedTuple):
     maximize: bool
 
 
+def _fitness_and_direction(fitness, optimizer) -> tuple[Callable, bool]:
+    """``(fitness_fn(logits, labels), maximize)`` of a named or callable fitness."""
+    maximize = optimizer.config.maximize
+    if isinstance(fitness, str):
+        if fitness not in _FITNESS:
+            raise ValueError(f"fitness={fitness!r}: expected one of {FITNESS_FNS}")
+        fitness_fn, wants_max = _FITNESS[fitness]
+        if wants_max != maximize:
+            raise ValueError(
+                f"fitness={fitness!r} is {'max' if wants_max else 'min'}imised but "
+                f"the optimizer has maximize={maximize}"
+            )
+        return fitness_fn, maximize
+    if callable(fitness):
+        return fitness, maximize
+    raise ValueError(f"fitness must be a name or callable, got {fitness!r}")
+
+
+def _check_options(local_steps, best_refresh, age_rate) -> None:
+    if best_refresh not in BEST_REFRESH:
+        raise ValueError(
+            f"best_refresh={best_refresh!r}: expected one of {BEST_REFRESH}"
+        )
+    if (
+        isinstance(local_steps, bool)
+        or not isinstance(local_steps, int)
+        or local_steps < 0
+    ):
+        raise ValueError(f"local_steps={local_steps!r}: must be an int >= 0")
+    if age_rate < 0:
+        raise ValueError(f"age_rate={age_rate}: must be >= 0")
+
+
+def _on_data_slices(fitness, grad_loss, axis):
+    """Fitness and loss over a batch split on the data axis (identity without).
+
+    ``"macro_f1"`` from the summed confusion matrices (exact); every other
+    fitness, and the loss, by the mean over the slices (a callable must then be
+    a mean over the batch).
+    """
+    if axis.data_axis is None:
+        return fitness, grad_loss
+    if fitness is macro_f1:
+
+        def fitness(logits, labels):
+            cm = confusion_matrix(jnp.argmax(logits, -1), labels, logits.shape[-1])
+            return macro_f1_from_confusion(jax.lax.psum(cm, axis.data_axis))
+
+    else:
+        fitness = _mean_over_slices(fitness, axis)
+    return fitness, _mean_over_slices(grad_loss, axis)
+
+
+def _mean_over_slices(fn, axis):
+    def mean_over_slices(logits, labels):
+        return axis.data_mean(fn(logits, labels))
+
+    return mean_over_slices
+
+
+def _local_sgd(apply_fn, grad_loss, grad_optimizer, local_steps, video_key, label_key):
+    """``local_sgd(swarmed, opt_state, frozen, batch)``: optax steps on ONE particle."""
+
+    def local_sgd(swarmed, opt_state, frozen, batch):
+        def loss(p):
+            logits = apply_fn(combine(p, frozen), batch[video_key])
+            return grad_loss(logits, batch[label_key])
+
+        def body(carry, _):
+            p, s = carry
+            value, grads = jax.value_and_grad(loss)(p)
+            updates, s = grad_optimizer.update(grads, s, p)
+            return (optax.apply_updates(p, updates), s), value
+
+        (p, s), losses = jax.lax.scan(
+            body, (swarmed, opt_state), None, length=local_steps
+        )
+        return p, s, losses.mean()
+
+    return local_sgd
+
+
+def _refresh(optimizer, swarm, best_refresh, age_rate, evaluate):
+    """Re-score the bests for this batch; ``(swarm, fitness [P], logits)``.
+
+    ``"reevaluate"``: positions, personal bests (if the variant keeps them: CSO
+    does not) and the swarm best in ONE evaluation of ``2P + 1`` (or ``P + 1``)
+    particles, one compiled model body instead of three.
+    """
+    if best_refresh != "reevaluate":
+        fit, logits = evaluate(swarm.positions)
+        if best_refresh == "age":
+            sign = -1.0 if optimizer.config.maximize else 1.0
+
+            def aged(f):
+                return f + sign * age_rate * jnp.abs(f)
+
+            swarm = optimizer.rescore(
+                swarm, aged(swarm.pbest_fitness), aged(swarm.best_fitness)
+            )
+        return swarm, fit, logits
+    n = swarm.fitness.shape[0]
+    has_pbest = swarm.pbest_params is not None
+    parts = [swarm.positions]
+    if has_pbest:
+        parts.append(swarm.pbest_params)
+    parts.append(jax.tree.map(lambda b: b[None], swarm.best_params))
+    stacked = jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
+    all_fit, all_logits = evaluate(stacked)
+    pfit = all_fit[n : 2 * n] if has_pbest else None
+    swarm = optimizer.rescore(swarm, pfit, all_fit[-1])
+    return swarm, all_fit[:n], all_logits[:n]
+
+
 def make_train_step(
     apply_fn: Callable[[PyTree, jax.Array], jax.Array],
-    optimizer: SwarmOptimizer,
+    optimizer: Any,
     *,
     fitness: str | Callable[[jax.Array, jax.Array], jax.Array] = "cross_entropy",
     local_steps: int = 0,
@@ -146,11 +278,25 @@ def make_train_step(
 ) -> Trainer:
     """Build the fused swarm train step for a classifier.
 
+    The optimizer's layout decides where it runs: built with ``pso(...,
+    mesh=mesh)`` (a :class:`~pso_jax.sharding.ShardedSwarmOptimizer`), each
+    device runs the step on its own particles (forward passes, gradient steps,
+    swarm update) inside one ``jax.shard_map``, and bests and metrics cross
+    devices as the swarm's do. With a ``"data"`` mesh axis each device sees its
+    slice of the batch and the fitness is combined over the slices:
+    ``"cross_entropy"``, ``"error_rate"``, a callable fitness and ``grad_loss``
+    by their mean (so a callable must be a mean over the batch), ``"macro_f1"``
+    from the summed confusion matrices (exact). A ``batch_fn`` then sees only
+    this device's slice and the same key on every slice, so it must draw per
+    clip from the slice's place in the whole batch
+    (``jax.lax.axis_index("data")``) to match the unsharded run, as
+    :func:`pso_jax.experiment.train` does.
+
     Args:
       apply_fn: ``apply_fn(params, video [B, ...]) -> logits [B, C]`` for ONE
         particle's full params (e.g. ``lambda p, x: model.apply({"params": p}, x)``).
       optimizer: from :func:`pso_jax.pso` (its ``fitness_fn`` is not used; its
-        ``maximize`` must match the fitness).
+        ``maximize`` must match the fitness), with or without ``mesh=``.
       fitness: ``"cross_entropy"``, ``"error_rate"`` (minimised), ``"macro_f1"``
         (maximised), or ``fn(logits, labels) -> ()`` (minimised unless the
         optimizer maximises).
@@ -163,75 +309,41 @@ def make_train_step(
       age_rate: see ``best_refresh``.
       batch_fn: ``batch_fn(key, batch) -> batch`` run on the device at the start
         of every step, e.g. augmentation (:func:`pso_jax.data.augment_batch`);
-        its key derives from the state's key and step, so resumed runs repeat.
+        its key is split from the step's key, so resumed runs repeat.
       video_key, label_key: batch keys.
 
     Returns:
-      A :class:`Trainer`.
+      A :class:`Trainer`. Sharded, its ``init``, ``step`` and ``scan`` take and
+      return global (sharded) train states, ``step`` the global batch
+      (replicated, or split on its leading axis over ``"data"``); the metrics
+      equal the unsharded step's (``grad_loss`` up to float rounding).
 
     Raises:
       ValueError: for an unknown fitness or refresh, negative ``local_steps``, or
         a fitness direction that contradicts the optimizer's ``maximize``.
     """
-    if isinstance(fitness, str):
-        if fitness not in _FITNESS:
-            raise ValueError(f"fitness={fitness!r}: expected one of {FITNESS_FNS}")
-        fitness_fn, maximize = _FITNESS[fitness]
-        if maximize != optimizer.config.maximize:
-            raise ValueError(
-                f"fitness={fitness!r} is {'max' if maximize else 'min'}imised but the "
-                f"optimizer has maximize={optimizer.config.maximize}"
-            )
-    elif callable(fitness):
-        fitness_fn, maximize = fitness, optimizer.config.maximize
-    else:
-        raise ValueError(f"fitness must be a name or callable, got {fitness!r}")
-    if best_refresh not in BEST_REFRESH:
-        raise ValueError(
-            f"best_refresh={best_refresh!r}: expected one of {BEST_REFRESH}"
-        )
-    if (
-        isinstance(local_steps, bool)
-        or not isinstance(local_steps, int)
-        or local_steps < 0
-    ):
-        raise ValueError(f"local_steps={local_steps!r}: must be an int >= 0")
-    if age_rate < 0:
-        raise ValueError(f"age_rate={age_rate}: must be >= 0")
+    fitness_fn, maximize = _fitness_and_direction(fitness, optimizer)
+    _check_options(local_steps, best_refresh, age_rate)
     if grad_optimizer is None:
         grad_optimizer = optax.adam(1e-3)
-    sign = -1.0 if maximize else 1.0
+    mesh = getattr(optimizer, "mesh", None)
+    swarm_opt = optimizer if mesh is None else optimizer.local
+    axis = swarm_opt.config.axis
+    fitness_fn, grad_loss = _on_data_slices(fitness_fn, grad_loss, axis)
 
-    def one_logits(swarmed, frozen, video):
-        return apply_fn(combine(swarmed, frozen), video)
+    def apply_here(params, video):
+        return apply_fn(axis.vary_over_data(params), video)
 
-    # Particles evaluated on one shared batch: params axis 0, batch broadcast.
-    swarm_logits = jax.vmap(one_logits, in_axes=(0, None, None))
+    def logits_and_fitness(params, batch):
+        logits = apply_here(params, batch[video_key])
+        return fitness_fn(logits, batch[label_key]), logits
 
-    def swarm_fitness(swarmed, frozen, batch):
-        logits = swarm_logits(swarmed, frozen, batch[video_key])  # [P, B, C]
-        fit = jax.vmap(fitness_fn, in_axes=(0, None))(logits, batch[label_key])
-        return fit, logits
-
-    def local_sgd(swarmed, opt_state, frozen, batch):
-        """``local_steps`` optax steps on one particle (vmapped over particles)."""
-
-        def loss(p):
-            return grad_loss(one_logits(p, frozen, batch[video_key]), batch[label_key])
-
-        def body(carry, _):
-            p, s = carry
-            value, grads = jax.value_and_grad(loss)(p)
-            updates, s = grad_optimizer.update(grads, s, p)
-            return (optax.apply_updates(p, updates), s), value
-
-        (p, s), losses = jax.lax.scan(
-            body, (swarmed, opt_state), None, length=local_steps
-        )
-        return p, s, losses.mean()
+    local_sgd = _local_sgd(
+        apply_here, grad_loss, grad_optimizer, local_steps, video_key, label_key
+    )
 
     def init(key: PRNGKey, params_template: PyTree, hparams: Any = None) -> TrainState:
-        swarm = optimizer.init(key, params_template, hparams)
+        swarm = swarm_opt.init(key, params_template, hparams)
         opt_state = None
         if local_steps:
             opt_state = jax.vmap(grad_optimizer.init)(swarm.positions)
@@ -239,85 +351,77 @@ def make_train_step(
             swarm=swarm, opt_state=opt_state, key_data=jax.random.key_data(key)
         )
 
-    def step(key: Any, state: TrainState, batch: dict, hparams: Any = None):
-        del key  # the state's key drives the step (exact resumes)
+    def step(key: PRNGKey | None, state: TrainState, batch: dict, hparams=None):
         if hparams is None:
-            hparams = optimizer.default_hparams
+            hparams = swarm_opt.default_hparams
+        if key is None:
+            key = step_key(state)
         swarm = state.swarm
-        base = jax.random.wrap_key_data(state.key_data)
-        key_tell = jax.random.fold_in(base, swarm.step)
+        key_tell = key
         if batch_fn is not None:
-            key_tell, key_batch = jax.random.split(key_tell)
+            key_tell, key_batch = jax.random.split(key)
             batch = batch_fn(key_batch, batch)
         opt_state = state.opt_state
-        gl = jnp.zeros((), jnp.float32)
+        grad_losses = jnp.zeros((axis.local_size,), jnp.float32)
         if local_steps:
-            positions, opt_state, losses = jax.vmap(
+            positions, opt_state, grad_losses = jax.vmap(
                 local_sgd, in_axes=(0, 0, None, None)
             )(swarm.positions, opt_state, swarm.frozen_params, batch)
             swarm = swarm.replace(positions=positions)
-            gl = losses.mean()
-        if best_refresh == "reevaluate":
-            # Positions, personal bests (if the variant keeps them: CSO does not)
-            # and the swarm best in ONE evaluation of 2P + 1 (or P + 1)
-            # particles: one compiled model body instead of three.
-            n = swarm.fitness.shape[0]
-            has_pbest = swarm.pbest_params is not None
-            parts = [swarm.positions]
-            if has_pbest:
-                parts.append(swarm.pbest_params)
-            parts.append(jax.tree.map(lambda b: b[None], swarm.best_params))
-            stacked = jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
-            all_fit, all_logits = swarm_fitness(stacked, swarm.frozen_params, batch)
-            fit, logits = all_fit[:n], all_logits[:n]
-            bfit = all_fit[-1]
-            worst = -jnp.inf if maximize else jnp.inf
-            if has_pbest:
-                pfit = all_fit[n : 2 * n]
-                started = jnp.isfinite(swarm.pbest_fitness)
-                pfit = jnp.where(jnp.isfinite(pfit), pfit, worst)
-                swarm = swarm.replace(
-                    pbest_fitness=jnp.where(started, pfit, swarm.pbest_fitness)
-                )
-            swarm = swarm.replace(
-                best_fitness=jnp.where(
-                    jnp.isfinite(swarm.best_fitness),
-                    jnp.where(jnp.isfinite(bfit), bfit, worst),
-                    swarm.best_fitness,
-                ),
-            )
-        else:
-            fit, logits = swarm_fitness(swarm.positions, swarm.frozen_params, batch)
-        if best_refresh == "age":
 
-            def aged(f):
-                return f + sign * age_rate * jnp.abs(f)
-
-            swarm = swarm.replace(
-                pbest_fitness=aged(swarm.pbest_fitness),
-                best_fitness=aged(swarm.best_fitness),
+        def evaluate_stack(swarmed):
+            return swarm_fitness(
+                logits_and_fitness, swarmed, swarm.frozen_params, batch
             )
-        swarm, info = optimizer.tell(key_tell, swarm, fit, hparams)
-        score = jnp.where(jnp.isfinite(info.fitness), sign * info.fitness, jnp.inf)
-        b = jnp.argmin(score)
-        labels = batch[label_key]
-        acc = jnp.mean(jnp.argmax(logits[b], -1) == labels)
-        metrics = TrainMetrics(
-            best_fitness=info.best_fitness,
-            mean_fitness=info.mean_fitness,
-            batch_best_fitness=info.fitness[b],
-            batch_accuracy=acc,
-            grad_loss=gl,
-            num_nonfinite=info.num_nonfinite,
+
+        swarm, fit, logits = _refresh(
+            swarm_opt, swarm, best_refresh, age_rate, evaluate_stack
         )
+        swarm, info = swarm_opt.tell(key_tell, swarm, fit, hparams)
+        metrics = _metrics(axis, maximize, info, logits, batch[label_key], grad_losses)
         return state.replace(swarm=swarm, opt_state=opt_state), metrics
 
+    return _trainer(apply_fn, optimizer, mesh, init, step, maximize)
+
+
+def _metrics(axis, maximize, info, logits, labels, grad_losses) -> TrainMetrics:
+    """This step's metrics: the batch's best particle (over the whole swarm)."""
+    correct = jnp.argmax(logits, -1) == labels  # [n, B]
+    accuracy = axis.data_mean(jnp.mean(correct, axis=1))
+    _, (best_fit, best_acc) = axis.argmin(
+        score(info.fitness, maximize), (info.fitness, accuracy)
+    )
+    return TrainMetrics(
+        best_fitness=info.best_fitness,
+        mean_fitness=info.mean_fitness,
+        batch_best_fitness=best_fit,
+        batch_accuracy=best_acc,
+        grad_loss=axis.mean(grad_losses)[0],
+        num_nonfinite=info.num_nonfinite,
+    )
+
+
+def _trainer(apply_fn, optimizer, mesh, init, step, maximize) -> Trainer:
+    """The :class:`Trainer` of per-device ``init``/``step``, sharded on ``mesh``."""
+    if mesh is not None:
+        prefix = sharding.state_prefix(TrainState, sharding.PARTICLE_AXIS)
+        default = optimizer.default_hparams
+        check = functools.partial(validate_hparams, variant=optimizer.config.variant)
+        init = sharding.shard_init(init, mesh, prefix, default, check)
+        step = sharding.shard_step(
+            step, mesh, prefix, P(), default, optimizer.config.axis.data_axis
+        )
+
     def scan(state: TrainState, batches: dict, hparams: Any = None):
-        return jax.lax.scan(lambda s, b: step(None, s, b, hparams), state, batches)
+        # Still one computation under jit when sharded, and the carry keeps its
+        # layout (each step's shard_map takes and gives the same specs).
+        return jax.lax.scan(
+            lambda s, b: step(step_key(s), s, b, hparams), state, batches
+        )
 
     def evaluate_logits(swarmed, frozen, video):
         """Logits of a stack of particles ``[P, ...]`` on ``video``."""
-        return swarm_logits(swarmed, frozen, video)
+        return swarm_fitness(apply_fn, swarmed, frozen, video)
 
     return Trainer(
         init=init,

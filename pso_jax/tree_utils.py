@@ -53,6 +53,30 @@ def combine(swarmed: PyTree, frozen: PyTree) -> PyTree:
     )
 
 
+def leaf_paths(tree: PyTree) -> list[str]:
+    """``jax.tree_util.keystr`` of every leaf's path, in ``jax.tree.leaves`` order.
+
+    >>> leaf_paths({"a": 1, "b": [2, 3]})
+    ["['a']", "['b'][0]", "['b'][1]"]
+    """
+    return [
+        jax.tree_util.keystr(p)
+        for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]
+    ]
+
+
+def along_rows(v: jax.Array, like: jax.Array) -> jax.Array:
+    """``v`` (``[P]``, one value per particle) shaped to broadcast against ``like``.
+
+    ``like`` is a ``[P, ...]`` leaf; trailing axes of size one are added to ``v``.
+
+    >>> import jax.numpy as jnp
+    >>> along_rows(jnp.arange(3), jnp.zeros((3, 4, 5))).shape
+    (3, 1, 1)
+    """
+    return v.reshape(v.shape + (1,) * (like.ndim - v.ndim))
+
+
 def tree_where(cond: jax.Array, x: PyTree, y: PyTree) -> PyTree:
     """Select per particle: ``cond`` is ``[P]`` bool, leaves of x/y are ``[P, ...]``.
 
@@ -63,8 +87,7 @@ def tree_where(cond: jax.Array, x: PyTree, y: PyTree) -> PyTree:
     """
 
     def sel(a, b):
-        c = cond.reshape(cond.shape + (1,) * (a.ndim - cond.ndim))
-        return jnp.where(c, a, b)
+        return jnp.where(along_rows(cond, a), a, b)
 
     return jax.tree.map(sel, x, y)
 

@@ -1,5 +1,15 @@
 """Velocity rules, coefficients and their stability region.
 
+The update rules are pure functions of one leaf (``[P, ...]`` arrays, one row per
+particle, or broadcastable): the random factors are drawn by the caller
+(:mod:`pso_jax.pso`), so each rule here is the paper's equation and nothing else.
+
+- :func:`inertia`: ``v <- w v + c1 r1 (p - x) + c2 r2 (n - x)`` (also constriction,
+  with the coefficients of :func:`effective_coefficients`).
+- :func:`spso2011_centre`, :func:`spso2011`: the rotation-invariant SPSO-2011 move.
+- :func:`cso`: the Competitive Swarm Optimizer's loser update.
+- :func:`finish`: shared by all: clamp the velocity, move, enforce the bounds.
+
 - Inertia weight: Shi & Eberhart (1998), "A modified particle swarm optimizer".
   ``v <- w v + c1 r1 (p - x) + c2 r2 (n - x)``.
 - Constriction: Clerc & Kennedy (2002), "The particle swarm - explosion,
@@ -19,6 +29,8 @@ import warnings
 
 import jax
 import jax.numpy as jnp
+
+from pso_jax import bounds as bounds_lib
 
 
 class PSOConvergenceWarning(UserWarning):
@@ -100,3 +112,74 @@ def clamp(v, vmax):
     [-1.0, 0.5, 1.0]
     """
     return jnp.clip(v, -vmax, vmax)
+
+
+def inertia(x, v, pbest, nbest, r1, r2, w, c1, c2):
+    """The inertia-weight velocity (Shi & Eberhart, 1998).
+
+    ``v <- w v + c1 r1 (pbest - x) + c2 r2 (nbest - x)``.
+
+    Args:
+      x, v: ``[P, ...]`` positions and velocities of one leaf.
+      pbest: ``[P, ...]`` personal bests; nbest: neighbourhood bests,
+        ``[P, ...]`` or ``[1, ...]`` (the global best, broadcast).
+      r1, r2: uniforms in ``[0, 1)`` broadcastable to ``x``.
+      w, c1, c2: inertia, cognitive and social coefficients (traced scalars).
+
+    >>> import jax.numpy as jnp
+    >>> float(inertia(jnp.float32(0), 1.0, 1.0, 2.0, 1.0, 1.0, 0.5, 1.0, 1.0)[()])
+    3.5
+    """
+    return w * v + c1 * r1 * (pbest - x) + c2 * r2 * (nbest - x)
+
+
+def spso2011_centre(x, pbest, nbest, r1, r2, c1, c2, nbest_is_self):
+    """SPSO-2011's centre of gravity ``G`` of ``x``, ``p'`` and ``l'``.
+
+    ``p' = x + c1 r1 (p - x)``, ``l' = x + c2 r2 (l - x)``; ``G`` is the mean of
+    the three, or of ``x`` and ``p'`` where the particle is its own neighbourhood
+    best (``nbest_is_self``, broadcastable to ``x``). Clerc (2011).
+    """
+    pp = x + c1 * r1 * (pbest - x)
+    ll = x + c2 * r2 * (nbest - x)
+    return jnp.where(nbest_is_self, (x + pp) / 2, (x + pp + ll) / 3)
+
+
+def spso2011(x, v, centre, direction, scale, w):
+    """SPSO-2011's velocity: ``w v + G + s d - x``.
+
+    The new point ``G + s d`` is uniform in the hypersphere around ``centre``
+    (``G``): ``direction`` a Gaussian draw, ``scale`` its per-particle length
+    (radius ``|G - x|`` times ``u^(1/D)`` over ``|d|``).
+    """
+    return w * v + centre + scale * direction - x
+
+
+def cso(x, v, x_winner, x_mean, r1, r2, r3, phi):
+    """The Competitive Swarm Optimizer's loser update (Cheng & Jin, 2015).
+
+    ``v_l <- r1 v_l + r2 (x_w - x_l) + phi r3 (xbar - x_l)``.
+    """
+    return r1 * v + r2 * (x_winner - x) + phi * r3 * (x_mean - x)
+
+
+def finish(x, v_new, vmax, low, high, handling, u=None):
+    """Clamp the velocity to ``vmax``, move, and enforce the leaf's bounds.
+
+    Args:
+      x: ``[P, ...]`` positions before the move.
+      v_new: the new velocities.
+      vmax: the velocity clamp (broadcastable), or ``None`` for none.
+      low, high: the leaf's bounds, or ``None`` for an unbounded leaf.
+      handling: the leaf's bound handler (:data:`pso_jax.bounds.BOUND_HANDLERS`).
+      u: uniforms of ``x``'s shape, for the ``"resample"`` handler only.
+
+    Returns:
+      ``(x_new, v_new)`` in ``x``'s dtype.
+    """
+    if vmax is not None:
+        v_new = clamp(v_new, vmax)
+    x_new = x + v_new
+    if low is not None:
+        x_new, v_new = bounds_lib.apply(handling, x_new, v_new, low, high, u)
+    return x_new.astype(x.dtype), v_new.astype(x.dtype)

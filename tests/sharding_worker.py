@@ -316,7 +316,7 @@ def check_padding(out: dict) -> None:
         told, info, last = jax.jit(run)(jax.random.key(0))
         res[f"{variant}-{topo}"] = {
             "num_particles": opt.num_particles,
-            "num_inert": opt.config.num_inert,
+            "num_inert": opt.config.axis.num_inert,
             "told": {
                 "best_fitness": float(told.best_fitness),
                 "inert_pbest_fitness": np.asarray(told.pbest_fitness)[10:].tolist(),
@@ -449,7 +449,7 @@ def check_train(out: dict) -> None:
         for n, data in meshes:
             mesh = sharding.make_mesh(n * data, data=data)
             opt = pso_jax.pso(num_particles=NUM_PARTICLES, maximize=maximize, mesh=mesh)
-            trainer = sharding.make_train_step(apply_fn, opt, **kw)
+            trainer = train.make_train_step(apply_fn, opt, **kw)
             got = _train_run(trainer, params, batch, hp)
             out[f"train/{name}/{n}x{data}"] = {
                 "state": _compare(want[0], got[0]),

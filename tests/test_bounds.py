@@ -59,7 +59,9 @@ def test_bounds_never_violated(handling, variant):
         s, _ = opt.step(jax.random.fold_in(key, i), s)
         return s, s.positions
 
-    st, traj = jax.lax.scan(body, st, jnp.arange(40))
+    # 80 steps: at 40 the corner was reached only for lucky seeds (CSO with
+    # "reflect": 3 of 8 seeds missed atol=0.05 at 40 steps, none at 80).
+    st, traj = jax.lax.scan(body, st, jnp.arange(80))
     assert np.all(np.asarray(traj) >= np.asarray(low) - 1e-6)
     assert np.all(np.asarray(traj) <= np.asarray(high) + 1e-6)
     # The best is found at the corner nearest the optimum.

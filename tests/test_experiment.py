@@ -13,6 +13,9 @@ import pytest
 
 from pso_jax import checkpoint as ckpt
 from pso_jax import cli, experiment, flax_utils
+from pso_jax.experiment.input_pipeline import _source
+from pso_jax.experiment.loop import _check_resume_config
+from pso_jax.experiment.run import _Run
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +34,6 @@ def _cfg(data_dir, **kw):
 
 
 def _restore(workdir, cfg, step=None):
-    from pso_jax.experiment import _Run, _source
-
     run = _Run(cfg, _source(cfg, "train"))
     return ckpt.restore(
         os.path.join(workdir, "checkpoints"), run.abstract_state(), step=step
@@ -139,8 +140,6 @@ def test_resume_errors_are_clear_and_touch_nothing(data_dir, tmp_path):
 
 def test_head_only_swarm_keeps_the_backbone_shared(data_dir, tmp_path):
     # A "pretrained" backbone: the smoke model's init, saved with save_params.
-    from pso_jax.experiment import _Run, _source
-
     cfg = _cfg(data_dir, steps=3)
     run = _Run(cfg, _source(cfg, "train"))
     flax_utils.save_params(tmp_path / "backbone", run.template)
@@ -195,9 +194,9 @@ def test_config_json_round_trip_keeps_tuples(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))
     again = experiment.TrainConfig(**json.loads((tmp_path / "config.json").read_text()))
     assert again == cfg
-    experiment._check_resume_config(tmp_path, cfg)  # equal: no error
+    _check_resume_config(tmp_path, cfg)  # equal: no error
     with pytest.raises(ValueError, match=r"patch: \[1, 2, 2\] -> \[2, 4, 4\]"):
-        experiment._check_resume_config(tmp_path, experiment.get_config("smoke"))
+        _check_resume_config(tmp_path, experiment.get_config("smoke"))
 
 
 def test_cli_bad_patch_is_a_usage_error(capsys):

@@ -11,6 +11,7 @@ from conftest import sphere
 
 import pso_jax
 from pso_jax import objectives
+from pso_jax.minimize import scan_chunks
 
 
 def _swarm(**kw):
@@ -188,3 +189,25 @@ def test_minimize_with_pytree_bounds():
     )
     np.testing.assert_allclose(res.best_params["w"], 1.5, atol=1e-2)
     assert res.state.low["w"].shape == (2,)
+
+
+def test_scan_chunks_equals_one_scan():
+    opt, st0 = _swarm(topology="ring")
+    key = jax.random.key(3)
+    hp = opt.default_hparams
+    want, want_infos = jax.jit(lambda k, s, h: pso_jax.scan_steps(k, opt, s, h, 25))(
+        key, st0, hp
+    )
+    # st0 is donated to the first chunk: pass a copy.
+    chunks = list(scan_chunks(key, opt, jax.tree.map(jnp.copy, st0), hp, 25, chunk=10))
+    assert [done for _, _, done in chunks] == [10, 20, 25]
+    assert [len(infos.best_fitness) for _, infos, _ in chunks] == [10, 10, 5]
+    got = chunks[-1][0]
+    np.testing.assert_array_equal(got.best_fitness, want.best_fitness)
+    np.testing.assert_array_equal(got.positions, want.positions)
+    np.testing.assert_array_equal(
+        np.concatenate([infos.best_fitness for _, infos, _ in chunks]),
+        want_infos.best_fitness,
+    )
+    with pytest.raises(ValueError, match="chunk=0"):
+        next(scan_chunks(key, opt, st0, hp, 5, chunk=0))

@@ -189,7 +189,7 @@ def test_vmapped_fitness_equals_loop_over_particles(tree_template, key):
     opt = pso_jax.pso(fitness, num_particles=5)
     st = opt.init(key, tree_template)
     batch = jnp.arange(2.0)
-    got = opt.step.evaluate(st, batch)
+    got = pso_jax.fitness.swarm_fitness(fitness, st.positions, st.frozen_params, batch)
     params = opt.ask(st)
     want = [
         fitness(jax.tree.map(lambda leaf, i=i: leaf[i], params), batch)
@@ -270,7 +270,7 @@ def test_masked_leaves_never_move_and_are_not_copied(tree_template, key):
     )
     np.testing.assert_array_equal(st.frozen_params["dense"]["bias"], 3.0)
     np.testing.assert_array_equal(st.frozen_params["scale"], 3.0)
-    full = pso_jax.best_params(st)
+    full = pso_jax.best_solution(st)
     np.testing.assert_array_equal(full["dense"]["bias"], 3.0)
     assert float(jnp.abs(full["dense"]["kernel"]).max()) < 3.0  # the swarm moved it
     assert opt.ask(st)["scale"].shape == (7,)

@@ -525,7 +525,7 @@ def test_state_shardings_of_swarm_and_train_states():
 
     import optax
 
-    trainer = sharding.make_train_step(
+    trainer = pso_jax.make_train_step(
         lambda p, x: x @ p["w"], opt, local_steps=1, grad_optimizer=optax.adam(1e-3)
     )
     tstate = jax.eval_shape(trainer.init, jax.random.key(0), {"w": jnp.zeros((2, 3))})
@@ -564,9 +564,7 @@ def test_pso_sharding_argument_errors():
     with pytest.raises(ValueError, match="pad=True needs a mesh"):
         pso_jax.pso(num_particles=4, pad=True)
     with pytest.raises(ValueError, match="not sharded"):
-        sharding.shard_optimizer(pso_jax.pso(num_particles=4), mesh)
-    with pytest.raises(ValueError, match="ShardedSwarmOptimizer"):
-        sharding.make_train_step(lambda p, x: x, pso_jax.pso(num_particles=4))
+        sharding.shard_optimizer(pso_jax.pso(num_particles=4), mesh, pso_jax.PSOState)
     opt = pso_jax.pso(num_particles=4, mesh=mesh)
     state = jax.eval_shape(opt.init, jax.random.key(0), jnp.zeros(2))
     with pytest.raises(ValueError, match=r"fitness must have shape \(4,\).*\(3,\)"):

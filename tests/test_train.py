@@ -138,13 +138,16 @@ def test_reevaluate_rescores_the_swarm_best_without_personal_bests(setup):
 
 
 def test_same_state_same_result_resume(setup):
-    """The state's own key drives a step: a restored state repeats exactly."""
+    """key=None is the state's own key: a restored state repeats exactly."""
     template, batch = setup
     tr = train.make_train_step(apply_fn, _opt())
     st = tr.init(jax.random.key(4), template)
     a, _ = tr.step(None, st, batch)
-    b, _ = tr.step(jax.random.key(99), st, batch)
+    b, _ = tr.step(train.step_key(st), st, batch)
     chex.assert_trees_all_equal(a, b)
+    # The caller's key is used, not ignored.
+    c, _ = tr.step(jax.random.key(99), st, batch)
+    assert not np.array_equal(c.swarm.positions["w"], a.swarm.positions["w"])
 
 
 def test_scan_equals_loop_of_steps(setup):
@@ -185,7 +188,7 @@ def test_batch_fn_is_applied_with_a_state_derived_key(setup):
     plain = train.make_train_step(apply_fn, _opt())
     st = tr.init(jax.random.key(7), template)
     a, ma = tr.step(None, st, batch)
-    b, mb = tr.step(jax.random.key(1), st, batch)
+    b, mb = tr.step(train.step_key(st), st, batch)
     chex.assert_trees_all_equal(a, b)  # same state => same augmentation
     c, mc = plain.step(None, st, batch)
     assert float(ma.mean_fitness) != float(mc.mean_fitness)  # it was applied

@@ -1,0 +1,79 @@
+"""Training runs end to end: configs, the host loop, checkpoints, reports.
+
+:func:`train` is what ``pso-jax train`` runs: it loads the data (preparing the
+procedural ``moving_shapes`` dataset if needed), builds the model, the swarm and
+the fused train step (:func:`pso_jax.train.make_train_step`), then runs
+``steps_per_call`` steps per jitted ``lax.scan`` call with the state donated,
+logging every step to ``metrics.jsonl``, checkpointing with orbax, and finally
+evaluating the best particle and the top-k ensemble on the test split.
+
+Exact resumes: the batch of step ``s`` is element ``s`` of a seeded, repeated
+grain dataset (random access, no iterator state), every random draw derives from
+the state's key and step, and checkpoints fall on call boundaries, so a run that
+is interrupted (SIGTERM, Ctrl-C) and resumed ends bit for bit where the
+uninterrupted run ends.
+
+Several devices and hosts: ``parallel=Parallelism(devices=4)`` (``pso-jax train
+--devices 4``) shards the swarm over a mesh (:mod:`pso_jax.sharding`): each device
+holds and trains ``particles / devices`` particles in the same jitted
+``lax.scan``; the run's numbers are those of the one-device run up to float
+rounding. The layout is not part of ``config.json``: a run checkpointed on 8
+devices resumes on 2 or on 1. In a multi-process run (after
+:func:`pso_jax.sharding.initialize_distributed`) every process runs
+:func:`train` alike; checkpoints are written by all of them together (the work
+directory must be shared), everything else by process 0 only.
+
+Work directory::
+
+    config.json        the run's TrainConfig (a resume must match it)
+    metrics.jsonl      one record per step (and per validation)
+    checkpoints/<s>/   orbax checkpoints of the full TrainState
+    summary.json       test metrics, timings, throughput (atomic)
+    convergence.png    best / mean fitness and validation accuracy vs step
+    confusion.png      the best particle's test confusion matrix
+
+Modules (split as in the flax examples and scenic: configs, input pipeline,
+the run, the loop, metrics, reports):
+
+- :mod:`~pso_jax.experiment.config`: :class:`TrainConfig`, :data:`CONFIGS`,
+  :func:`get_config`, :func:`validate_config`, :class:`Parallelism`.
+- :mod:`~pso_jax.experiment.input_pipeline`: data sources, train and
+  evaluation batches, on-device augmentation.
+- :mod:`~pso_jax.experiment.run`: the model, swarm and jitted train step a run
+  builds from its config; restoring a checkpoint into its layout.
+- :mod:`~pso_jax.experiment.loop`: :func:`train` and :func:`evaluate_workdir`
+  (resumes, checkpoints, signals).
+- :mod:`~pso_jax.experiment.metrics`: ``metrics.jsonl`` records, evaluations,
+  the summary's test metrics.
+- :mod:`~pso_jax.experiment.report`: the progress bar and the plots.
+
+>>> cfg = get_config("smoke", steps=4)
+>>> cfg.model, cfg.particles, cfg.steps
+('c3d', 4, 4)
+"""
+
+from pso_jax.experiment.config import (
+    CONFIGS,
+    Parallelism,
+    TrainConfig,
+    get_config,
+    validate_config,
+)
+from pso_jax.experiment.input_pipeline import _source as _source
+from pso_jax.experiment.loop import evaluate_workdir, train
+from pso_jax.experiment.run import _restore as _restore
+from pso_jax.experiment.run import _Run as _Run
+
+__all__ = [
+    "CONFIGS",
+    "Parallelism",
+    "TrainConfig",
+    "evaluate_workdir",
+    "get_config",
+    "train",
+    "validate_config",
+]
+
+# Private, so not in __all__: `_Run`, `_restore` and `_source` are imported above
+# because tests/test_sharding.py and tests/sharding_worker.py reach them as
+# `experiment._Run`, `experiment._restore` and `experiment._source`.

@@ -1,0 +1,225 @@
+"""What a run builds from its config: model, swarm, train step, device layout.
+
+- ``_Run``: the model, the swarm optimizer (sharded over a mesh on several
+  devices), the fused train step (:func:`pso_jax.train.make_train_step`; the
+  loop runs its ``scan`` in chunks); the state's abstract shape (a restore
+  target), the host batches as a chunk's input, and the gathered state that
+  evaluation reads.
+- ``_restore``: a checkpoint into a run's layout (saved on any device count).
+- ``_layout``: the run's device layout, for reports.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from pso_jax import checkpoint as ckpt
+from pso_jax import flax_utils, sharding
+from pso_jax.experiment.config import Parallelism, TrainConfig
+from pso_jax.experiment.input_pipeline import (
+    _batch_fn,
+    _clip_shape,
+    _num_classes,
+)
+from pso_jax.models import make_model
+from pso_jax.pso import pso
+from pso_jax.train import Trainer, TrainState, make_train_step, top_particles
+
+
+class _Run:
+    """What :func:`train` and :func:`evaluate_workdir` build from a config.
+
+    ``mesh`` is ``None`` on one device (the unsharded train step), else the
+    swarm's mesh: the optimizer, the trainer (``init``, ``step``, ``scan``) and
+    the state are then sharded over it.
+    """
+
+    def __init__(self, cfg: TrainConfig, source, parallel: Parallelism | None = None):
+        self.cfg = cfg
+        self.parallel = parallel = parallel or Parallelism()
+        num_devices = parallel.num_devices()
+        self.mesh = None
+        if num_devices > 1:
+            self.mesh = sharding.make_mesh(num_devices, data=parallel.data)
+        self.num_classes = _num_classes(cfg, source)
+        model = make_model(
+            cfg.model,
+            self.num_classes,
+            width=cfg.width,
+            stem=cfg.stem,
+            patch=cfg.patch,
+        )
+        dummy = jnp.zeros((1, *_clip_shape(cfg, source)), jnp.float32)
+        template = model.init(jax.random.key(0), dummy)["params"]
+        if cfg.pretrained is not None:
+            template = flax_utils.load_params(cfg.pretrained, template)
+        self.optimizer = _make_optimizer(
+            cfg, model, dummy, template, self.mesh, parallel.pad
+        )
+        # With padding, the swarm's size on the device (cfg.particles + inert).
+        self.swarm_size = self.optimizer.num_particles
+        data = 1 if self.mesh is None else parallel.data
+        self.trainer = _make_trainer(cfg, model, self.optimizer, _batch_fn(cfg, data))
+        self.template = template
+        trainer = self.trainer
+
+        self.init = jax.jit(lambda key: trainer.init(key, template))
+        self._top = None
+        if self.mesh is not None:
+            self._top = _gather_top(trainer.maximize, self.mesh)
+
+    def abstract_state(self) -> TrainState:
+        """The state's shapes and dtypes, with the mesh's shardings if sharded.
+
+        The restore target: a checkpoint written on any device count is read
+        straight into this run's layout.
+        """
+        abstract = jax.eval_shape(self.init, jax.random.key(self.cfg.seed))
+        if self.mesh is None:
+            return abstract
+        return sharding.abstract_state(abstract, self.mesh)
+
+    def device_batches(self, batches: dict) -> dict:
+        """Host batches ``[k, B, ...]`` as the chunk's input.
+
+        Sharded: global arrays, replicated or split on ``B`` over ``"data"``
+        (each process supplies its devices' parts of the same host batch).
+        """
+        if self.mesh is None:
+            return batches
+        spec = P() if self.parallel.data == 1 else P(None, sharding.DATA_AXIS)
+        where = NamedSharding(self.mesh, spec)
+        return jax.tree.map(
+            lambda x: jax.make_array_from_callback(x.shape, where, lambda i: x[i]),
+            batches,
+        )
+
+    def eval_state(self, state: TrainState, top_k: int) -> TrainState:
+        """What :func:`pso_jax.train.evaluate` reads, on this process's host.
+
+        Unsharded: ``state``. Sharded: the best particle and the ``top_k`` best
+        personal bests (in the order ``evaluate`` ranks them, so the ensemble is
+        the one-device run's), gathered and replicated; the test evaluation then
+        runs on one device of each process, as on one device.
+        """
+        if self.mesh is None:
+            return state
+        swarm = state.swarm
+        picked, fit, best, frozen = jax.tree.map(np.asarray, self._top(swarm, top_k))
+        swarm = swarm.replace(
+            positions=picked,
+            pbest_params=None if swarm.pbest_params is None else picked,
+            fitness=fit,
+            pbest_fitness=fit,
+            best_params=best,
+            frozen_params=frozen,
+        )
+        return state.replace(swarm=swarm, opt_state=None)
+
+
+def _make_optimizer(cfg: TrainConfig, model, dummy, template, mesh, pad: bool):
+    """The run's swarm (over ``mesh`` if not ``None``) around ``template``."""
+    mask = flax_utils.head_mask(template) if cfg.swarm_over == "head" else None
+    init_fn = None
+    if cfg.init == "independent" and cfg.pretrained is None:
+
+        def init_fn(key, _template):
+            return model.init(key, dummy)["params"]
+
+    hparams = {
+        k: getattr(cfg, k)
+        for k in ("inertia", "cognitive", "social", "init_scale")
+        if getattr(cfg, k) is not None
+    }
+    layout = {}
+    if mesh is not None:
+        layout = dict(mesh=mesh, pad=pad)
+    return pso(
+        num_particles=cfg.particles,
+        variant=cfg.variant,
+        topology=cfg.topology,
+        maximize=cfg.fitness == "macro_f1",
+        mask=mask,
+        init_fn=init_fn,
+        **layout,
+        **hparams,
+    )
+
+
+def _make_trainer(cfg: TrainConfig, model, optimizer, batch_fn) -> Trainer:
+    """The fused train step; sharded when ``optimizer`` is (``pso(mesh=...)``)."""
+
+    def apply_fn(params, video):
+        return model.apply({"params": params}, video)
+
+    return make_train_step(
+        apply_fn,
+        optimizer,
+        fitness=cfg.fitness,
+        local_steps=cfg.local_steps,
+        grad_optimizer=optax.adam(_learning_rate(cfg)),
+        best_refresh=cfg.best_refresh,
+        batch_fn=batch_fn,
+    )
+
+
+def _learning_rate(cfg: TrainConfig):
+    if cfg.lr_schedule == "constant" or cfg.local_steps == 0:
+        return cfg.learning_rate
+    return optax.cosine_decay_schedule(
+        cfg.learning_rate, decay_steps=max(cfg.steps * cfg.local_steps, 1), alpha=0.05
+    )
+
+
+def _gather_top(maximize: bool, mesh) -> Callable:
+    """A jitted ``top(swarm, k)``: the ``k`` best particles, replicated on ``mesh``.
+
+    Returns the ``k`` best personal bests (``[k, ...]``) and their fitness, with
+    the swarm's best and frozen parameters.
+    """
+
+    def top(swarm, k):
+        # Padding never gets a finite fitness: it ranks last.
+        picked, fit = top_particles(swarm, k, maximize)
+        return picked, fit, swarm.best_params, swarm.frozen_params
+
+    replicated = NamedSharding(mesh, P())
+    return jax.jit(top, static_argnums=1, out_shardings=replicated)
+
+
+def _restore(run: _Run, ckdir: Path, step: int | None = None):
+    """Restore a checkpoint into ``run``'s layout (any device count it was saved on).
+
+    Raises:
+      pso_jax.checkpoint.CheckpointError: as ``checkpoint.restore``, or for a
+        checkpoint whose swarm was padded to another size than this layout's.
+    """
+    meta = ckpt.read_meta(ckdir, step=step)
+    stored = meta.get("swarm_size", run.swarm_size)
+    if stored != run.swarm_size:
+        raise ckpt.CheckpointError(
+            f"checkpoint in {ckdir} holds a swarm of {stored} particles "
+            f"({run.cfg.particles} + {stored - run.cfg.particles} inert padding), "
+            f"this layout gives {run.swarm_size}: restore it on a device count "
+            "that pads to the same size (the one it was written on, with --pad)"
+        )
+    return ckpt.restore(ckdir, run.abstract_state(), step=step)
+
+
+def _layout(run: _Run) -> dict[str, Any]:
+    """The run's device layout, for reports (not part of the config)."""
+    return {
+        "devices": 1 if run.mesh is None else run.mesh.size,
+        "data": 1 if run.mesh is None else run.parallel.data,
+        "processes": jax.process_count(),
+        "swarm_size": run.swarm_size,  # particles + inert padding
+    }
