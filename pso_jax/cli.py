@@ -68,6 +68,19 @@ def _patch(text: str) -> tuple[int, int, int]:
     return value
 
 
+def _range(text: str) -> tuple[float, float]:
+    """``"1e-4,1e-2"`` -> ``(1e-4, 1e-2)``."""
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected LOW,HIGH (two numbers), got {text!r}"
+        ) from None
+    if not 0 < low <= high:
+        raise argparse.ArgumentTypeError(f"expected 0 < LOW <= HIGH, got {text!r}")
+    return low, high
+
+
 def _devices(text: str) -> int:
     """``--devices``: an int >= 1, or ``all`` (0)."""
     if text.strip().lower() == "all":
@@ -337,6 +350,36 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     )
     s.add_argument("--lr", dest="learning_rate", type=float, help="Adam step size")
     s.add_argument("--lr-schedule", choices=("cosine", "constant"))
+    s.add_argument("--weight-decay", type=float, help="AdamW's weight decay")
+    s.add_argument(
+        "--lr-range",
+        type=_range,
+        metavar="LOW,HIGH",
+        help="per-particle learning rates, log-uniform over the range (PBT)",
+    )
+    s.add_argument(
+        "--wd-range",
+        type=_range,
+        metavar="LOW,HIGH",
+        help="per-particle weight decays, log-uniform over the range (PBT)",
+    )
+    s.add_argument(
+        "--exploit-every",
+        type=int,
+        help="every N steps the worst particles clone good ones (PBT; 0: never)",
+    )
+    s.add_argument("--exploit-fraction", type=float, help="share cloned (0, 0.5]")
+    s.add_argument(
+        "--select-on",
+        choices=("batch", "next"),
+        help="measure the swarm's fitness on the batch just fitted, or the next",
+    )
+    s.add_argument(
+        "--time-budget",
+        type=float,
+        metavar="SECONDS",
+        help="stop training after this many seconds, then evaluate",
+    )
     s.add_argument(
         "--init",
         choices=("perturb", "independent"),
@@ -392,8 +435,9 @@ def _train_cmd(args) -> int:
         return 128 + summary["signal"]
     if not _is_main_process():
         return 0
+    returned = summary.get("returned_model", "best_particle")
     print(
-        f"test accuracy {summary['test_accuracy']:.4f} (top-"
+        f"test accuracy {summary['test_accuracy']:.4f} ({returned}; top-"
         f"{summary['ensemble_size']} ensemble {summary['ensemble_test_accuracy']:.4f}),"
         f" macro-F1 {summary['test_macro_f1']:.4f}; {summary['steps']} steps in "
         f"{summary['wall_seconds']:.1f} s; wrote {workdir}/summary.json"

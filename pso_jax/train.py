@@ -17,8 +17,10 @@ the state donated (``jax.jit(step, donate_argnums=1)``).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -27,11 +29,11 @@ import optax
 from flax import struct
 from jax.sharding import PartitionSpec as P
 
-from pso_jax import sharding
+from pso_jax import population, sharding
 from pso_jax.base import particle_field, substate_field
 from pso_jax.fitness import score, swarm_fitness
 from pso_jax.pso import PSOState, validate_hparams
-from pso_jax.tree_utils import combine
+from pso_jax.tree_utils import combine, tree_where
 from pso_jax.types import PRNGKey, PyTree
 
 FITNESS_FNS = ("cross_entropy", "error_rate", "macro_f1")
@@ -91,6 +93,8 @@ class TrainState:
       swarm: the :class:`~pso_jax.pso.PSOState`.
       opt_state: per-particle optax state of the hybrid's gradient steps (leading
         ``P`` axis), or ``None`` when ``local_steps == 0``.
+      grad_hparams: ``{name: [P]}``, each particle's hyperparameters of those
+        steps (``grad_hparams=`` of :func:`make_train_step`), or ``None``.
       key_data: ``uint32`` key data of the run's base key (plain arrays, so
         checkpoints hold it); step ``i`` uses ``fold_in(key, swarm.step)``
         (:func:`step_key`).
@@ -98,6 +102,7 @@ class TrainState:
 
     swarm: PSOState = substate_field(PSOState)
     opt_state: PyTree | None = particle_field()
+    grad_hparams: dict[str, jax.Array] | None = particle_field()
     key_data: jax.Array = struct.field()
 
 
@@ -121,6 +126,8 @@ class TrainMetrics(NamedTuple):
     batch_accuracy: jax.Array  # () accuracy of this batch's best particle
     grad_loss: jax.Array  # () mean training loss of the gradient steps (0 if none)
     num_nonfinite: jax.Array  # () int32
+    diversity: jax.Array  # () RMS distance of the particles from the best / its norm
+    num_exploited: jax.Array  # () int32 particles that cloned another this step
 
 
 class Trainer(NamedTuple):
@@ -208,10 +215,16 @@ def _mean_over_slices(fn, axis):
     return mean_over_slices
 
 
-def _local_sgd(apply_fn, grad_loss, grad_optimizer, local_steps, video_key, label_key):
-    """``local_sgd(swarmed, opt_state, frozen, batch)``: optax steps on ONE particle."""
+def _local_sgd(apply_fn, grad_loss, tx_fn, local_steps, video_key, label_key):
+    """``local_sgd(swarmed, opt_state, hp, frozen, batch)``: steps on ONE particle.
 
-    def local_sgd(swarmed, opt_state, frozen, batch):
+    ``hp`` are the particle's own hyperparameters (``{}`` for none), given to
+    ``tx_fn`` to build its optax transformation (traced values: no recompile).
+    """
+
+    def local_sgd(swarmed, opt_state, hp, frozen, batch):
+        tx = tx_fn(hp)
+
         def loss(p):
             logits = apply_fn(combine(p, frozen), batch[video_key])
             return grad_loss(logits, batch[label_key])
@@ -219,7 +232,7 @@ def _local_sgd(apply_fn, grad_loss, grad_optimizer, local_steps, video_key, labe
         def body(carry, _):
             p, s = carry
             value, grads = jax.value_and_grad(loss)(p)
-            updates, s = grad_optimizer.update(grads, s, p)
+            updates, s = tx.update(grads, s, p)
             return (optax.apply_updates(p, updates), s), value
 
         (p, s), losses = jax.lax.scan(
@@ -228,6 +241,46 @@ def _local_sgd(apply_fn, grad_loss, grad_optimizer, local_steps, video_key, labe
         return p, s, losses.mean()
 
     return local_sgd
+
+
+def _transformation_fn(grad_optimizer, grad_hparams):
+    """``tx_fn(hp) -> GradientTransformation`` for per-particle ``hp`` (or none)."""
+    if not grad_hparams:
+        if grad_optimizer is None:
+            grad_optimizer = optax.adam(1e-3)
+        if not (hasattr(grad_optimizer, "init") and hasattr(grad_optimizer, "update")):
+            raise ValueError(
+                "grad_optimizer must be an optax.GradientTransformation (a "
+                "function of hyperparameters only with grad_hparams=)"
+            )
+        return lambda hp: grad_optimizer
+    if grad_optimizer is None:
+        grad_optimizer = _adamw
+    if not callable(grad_optimizer) or hasattr(grad_optimizer, "update"):
+        raise ValueError(
+            "with grad_hparams=, grad_optimizer must be a function of them "
+            f"returning an optax transformation, e.g. lambda {', '.join(grad_hparams)}"
+            ": optax.adamw(...); got {grad_optimizer!r}"
+        )
+    return lambda hp: grad_optimizer(**hp)
+
+
+def _adamw(learning_rate=1e-3, weight_decay=0.0):
+    """The default per-particle transformation: ``optax.adamw``."""
+    return optax.adamw(learning_rate, weight_decay=weight_decay)
+
+
+def _selection_batch(batch, video_key, label_key):
+    """The batch the fitness is measured on: ``select_<key>`` entries, if any.
+
+    A selection batch the gradient steps did not fit (e.g. the next training
+    batch) makes the swarm's choices those of held-out data, not of the batch
+    each particle just memorised.
+    """
+    sv, sl = f"select_{video_key}", f"select_{label_key}"
+    if sv not in batch:
+        return batch
+    return {video_key: batch[sv], label_key: batch[sl]}
 
 
 def _refresh(optimizer, swarm, best_refresh, age_rate, evaluate):
@@ -275,6 +328,10 @@ def make_train_step(
     batch_fn: Callable[[PRNGKey, dict], dict] | None = None,
     video_key: str = "video",
     label_key: str = "label",
+    grad_hparams: Mapping[str, tuple[float, float]] | None = None,
+    exploit_every: int = 0,
+    exploit_fraction: float = 0.25,
+    explore_factors: tuple[float, ...] = (0.8, 1.25),
 ) -> Trainer:
     """Build the fused swarm train step for a classifier.
 
@@ -310,7 +367,22 @@ def make_train_step(
       batch_fn: ``batch_fn(key, batch) -> batch`` run on the device at the start
         of every step, e.g. augmentation (:func:`pso_jax.data.augment_batch`);
         its key is split from the step's key, so resumed runs repeat.
-      video_key, label_key: batch keys.
+      video_key, label_key: batch keys. A batch may also carry
+        ``select_<video_key>`` and ``select_<label_key>``: the fitness (and the
+        re-scored bests) are then measured on those clips, which the gradient
+        steps did not fit (e.g. the next training batch).
+      grad_hparams: ``{name: (low, high)}``: per-particle hyperparameters of
+        the gradient steps (Population Based Training), drawn log-uniform over
+        the ranges (stratified) at ``init`` and kept in the state; then
+        ``grad_optimizer`` is a function of them returning the optax
+        transformation, e.g. ``lambda learning_rate, weight_decay:
+        optax.adamw(learning_rate, weight_decay=weight_decay)`` (the default).
+        Their values are traced: changing them never recompiles.
+      exploit_every: every this many steps, the worst ``exploit_fraction`` of
+        the particles take the weights, optimizer state and hyperparameters of
+        one of as many best ones, the hyperparameters multiplied by one of
+        ``explore_factors`` (PBT's truncation selection); 0: never.
+      exploit_fraction, explore_factors: see ``exploit_every``.
 
     Returns:
       A :class:`Trainer`. Sharded, its ``init``, ``step`` and ``scan`` take and
@@ -324,8 +396,9 @@ def make_train_step(
     """
     fitness_fn, maximize = _fitness_and_direction(fitness, optimizer)
     _check_options(local_steps, best_refresh, age_rate)
-    if grad_optimizer is None:
-        grad_optimizer = optax.adam(1e-3)
+    _check_population(grad_hparams, exploit_every, exploit_fraction, explore_factors)
+    grad_hparams = dict(grad_hparams or {})
+    tx_fn = _transformation_fn(grad_optimizer, grad_hparams)
     mesh = getattr(optimizer, "mesh", None)
     swarm_opt = optimizer if mesh is None else optimizer.local
     axis = swarm_opt.config.axis
@@ -338,54 +411,160 @@ def make_train_step(
         logits = apply_here(params, batch[video_key])
         return fitness_fn(logits, batch[label_key]), logits
 
-    local_sgd = _local_sgd(
-        apply_here, grad_loss, grad_optimizer, local_steps, video_key, label_key
+    local_sgd = jax.vmap(
+        _local_sgd(apply_here, grad_loss, tx_fn, local_steps, video_key, label_key),
+        in_axes=(0, 0, 0, None, None),
+    )
+    parts = _StepParts(
+        swarm_opt=swarm_opt,
+        maximize=maximize,
+        local_sgd=local_sgd if local_steps else None,
+        logits_and_fitness=logits_and_fitness,
+        batch_fn=batch_fn,
+        best_refresh=best_refresh,
+        age_rate=age_rate,
+        exploit=(exploit_every, exploit_fraction, tuple(explore_factors)),
+        keys=(video_key, label_key),
     )
 
     def init(key: PRNGKey, params_template: PyTree, hparams: Any = None) -> TrainState:
         swarm = swarm_opt.init(key, params_template, hparams)
-        opt_state = None
+        opt_state = hp = None
+        if grad_hparams:
+            hp = population.init_hparams(jax.random.fold_in(key, 1), grad_hparams, axis)
         if local_steps:
-            opt_state = jax.vmap(grad_optimizer.init)(swarm.positions)
-        return TrainState(
-            swarm=swarm, opt_state=opt_state, key_data=jax.random.key_data(key)
-        )
-
-    def step(key: PRNGKey | None, state: TrainState, batch: dict, hparams=None):
-        if hparams is None:
-            hparams = swarm_opt.default_hparams
-        if key is None:
-            key = step_key(state)
-        swarm = state.swarm
-        key_tell = key
-        if batch_fn is not None:
-            key_tell, key_batch = jax.random.split(key)
-            batch = batch_fn(key_batch, batch)
-        opt_state = state.opt_state
-        grad_losses = jnp.zeros((axis.local_size,), jnp.float32)
-        if local_steps:
-            positions, opt_state, grad_losses = jax.vmap(
-                local_sgd, in_axes=(0, 0, None, None)
-            )(swarm.positions, opt_state, swarm.frozen_params, batch)
-            swarm = swarm.replace(positions=positions)
-
-        def evaluate_stack(swarmed):
-            return swarm_fitness(
-                logits_and_fitness, swarmed, swarm.frozen_params, batch
+            opt_state = jax.vmap(lambda p, h: tx_fn(h).init(p))(
+                swarm.positions, hp or {}
             )
-
-        swarm, fit, logits = _refresh(
-            swarm_opt, swarm, best_refresh, age_rate, evaluate_stack
+        return TrainState(
+            swarm=swarm,
+            opt_state=opt_state,
+            grad_hparams=hp,
+            key_data=jax.random.key_data(key),
         )
-        swarm, info = swarm_opt.tell(key_tell, swarm, fit, hparams)
-        metrics = _metrics(axis, maximize, info, logits, batch[label_key], grad_losses)
-        return state.replace(swarm=swarm, opt_state=opt_state), metrics
 
+    step = functools.partial(_train_step, parts)
     return _trainer(apply_fn, optimizer, mesh, init, step, maximize)
 
 
-def _metrics(axis, maximize, info, logits, labels, grad_losses) -> TrainMetrics:
+@dataclasses.dataclass(frozen=True)
+class _StepParts:
+    """The static pieces of a train step (:func:`make_train_step` builds them)."""
+
+    swarm_opt: Any  # the per-device SwarmOptimizer
+    maximize: bool
+    local_sgd: Callable | None  # vmapped gradient steps, None for pure PSO
+    logits_and_fitness: Callable  # (params, batch) -> (fitness, logits), one particle
+    batch_fn: Callable | None
+    best_refresh: str
+    age_rate: float
+    exploit: tuple[int, float, tuple[float, ...]]  # every, fraction, factors
+    keys: tuple[str, str]  # video, label
+
+
+def _train_step(parts: _StepParts, key, state: TrainState, batch: dict, hparams=None):
+    """One fused step: gradient steps, evaluation, re-scored bests, swarm move, PBT."""
+    swarm_opt, axis = parts.swarm_opt, parts.swarm_opt.config.axis
+    if hparams is None:
+        hparams = swarm_opt.default_hparams
+    if key is None:
+        key = step_key(state)
+    swarm = state.swarm
+    key_tell = key
+    if parts.batch_fn is not None:
+        key_tell, key_batch = jax.random.split(key)
+        batch = parts.batch_fn(key_batch, batch)
+    opt_state = state.opt_state
+    grad_losses = jnp.zeros((axis.local_size,), jnp.float32)
+    if parts.local_sgd is not None:
+        positions, opt_state, grad_losses = parts.local_sgd(
+            swarm.positions,
+            opt_state,
+            state.grad_hparams or {},
+            swarm.frozen_params,
+            batch,
+        )
+        swarm = swarm.replace(positions=positions)
+    fit_batch = _selection_batch(batch, *parts.keys)
+
+    def evaluate_stack(swarmed):
+        return swarm_fitness(
+            parts.logits_and_fitness, swarmed, swarm.frozen_params, fit_batch
+        )
+
+    swarm, fit, logits = _refresh(
+        swarm_opt, swarm, parts.best_refresh, parts.age_rate, evaluate_stack
+    )
+    swarm, info = swarm_opt.tell(key_tell, swarm, fit, hparams)
+    state = state.replace(swarm=swarm, opt_state=opt_state)
+    replaced = axis.own_rows() < 0  # all False (typed per particle when sharded)
+    every, fraction, factors = parts.exploit
+    if every:
+        state, replaced = jax.lax.cond(
+            swarm.step % every == 0,
+            lambda: _exploit(
+                jax.random.fold_in(key, 1),
+                axis,
+                state,
+                info,
+                parts.maximize,
+                fraction,
+                factors,
+            ),
+            lambda: (state, replaced),
+        )
+    labels = fit_batch[parts.keys[1]]
+    metrics = _metrics(
+        axis, parts.maximize, info, logits, labels, grad_losses, state.swarm, replaced
+    )
+    return state, metrics
+
+
+def _check_population(grad_hparams, exploit_every, exploit_fraction, factors):
+    if grad_hparams:
+        population.check_ranges(grad_hparams)
+    if (
+        isinstance(exploit_every, bool)
+        or not isinstance(exploit_every, int)
+        or exploit_every < 0
+    ):
+        raise ValueError(f"exploit_every={exploit_every!r}: must be an int >= 0")
+    if not 0 < exploit_fraction <= 0.5:
+        raise ValueError(f"exploit_fraction={exploit_fraction!r}: must be in (0, 0.5]")
+    if not factors or not all(math.isfinite(f) and f > 0 for f in factors):
+        raise ValueError(f"explore_factors={factors!r}: must be positive numbers")
+
+
+def _exploit(key, axis, state, info, maximize, fraction, factors):
+    """PBT's exploit/explore on a train state; ``(state, replaced [n])``.
+
+    The clones take the source's position, personal best, optimizer state and
+    (perturbed) hyperparameters; their velocity restarts at zero.
+    """
+    swarm = state.swarm
+    copied = ("positions", "pbest_params", "pbest_fitness", "fitness")
+    rows = {name: getattr(swarm, name) for name in copied}
+    rows["opt_state"] = state.opt_state
+    rows, hp, replaced = population.exploit(
+        key,
+        axis,
+        score(info.fitness, maximize),
+        fraction,
+        factors,
+        rows,
+        state.grad_hparams or {},
+    )
+    opt_state = rows.pop("opt_state")
+    zeros = jax.tree.map(jnp.zeros_like, swarm.velocities)
+    velocities = tree_where(replaced, zeros, swarm.velocities)
+    swarm = swarm.replace(velocities=velocities, **rows)
+    hp = hp or state.grad_hparams
+    return state.replace(swarm=swarm, opt_state=opt_state, grad_hparams=hp), replaced
+
+
+def _metrics(axis, maximize, info, logits, labels, grad_losses, swarm, replaced):
     """This step's metrics: the batch's best particle (over the whole swarm)."""
+    positions, best = swarm.positions, swarm.best_params
     correct = jnp.argmax(logits, -1) == labels  # [n, B]
     accuracy = axis.data_mean(jnp.mean(correct, axis=1))
     _, (best_fit, best_acc) = axis.argmin(
@@ -398,6 +577,8 @@ def _metrics(axis, maximize, info, logits, labels, grad_losses) -> TrainMetrics:
         batch_accuracy=best_acc,
         grad_loss=axis.mean(grad_losses)[0],
         num_nonfinite=info.num_nonfinite,
+        diversity=population.diversity(axis, positions, best),
+        num_exploited=axis.sum(jnp.sum(replaced).astype(jnp.int32)),
     )
 
 

@@ -435,11 +435,17 @@ def check_train(out: dict) -> None:
     apply_fn, params, batch = _video_setup()
     # (name, make_train_step kwargs, (particle devices, data devices) meshes)
     hybrid = dict(local_steps=1, grad_optimizer=optax.sgd(0.1), fitness="macro_f1")
+    pbt = dict(
+        local_steps=1, grad_hparams={"learning_rate": (1e-3, 1e-1)}, exploit_every=1
+    )
     cases = [
         ("pure", {}, [(n, 1) for n in DEVICE_COUNTS] + [(4, 2)]),
         # Gradient steps (their loss a mean over the data axis) and macro-F1
         # (from confusion matrices summed over it).
         ("hybrid-macro_f1", hybrid, [(4, 2)]),
+        # Per-particle learning rates and PBT's exploit every step: the clones'
+        # sources sit on other shards.
+        ("pbt", pbt, [(4, 1)]),
     ]
     for name, kw, meshes in cases:
         maximize = kw.get("fitness") == "macro_f1"
@@ -453,7 +459,11 @@ def check_train(out: dict) -> None:
             got = _train_run(trainer, params, batch, hp)
             out[f"train/{name}/{n}x{data}"] = {
                 "state": _compare(want[0], got[0]),
-                "metrics": _compare(want[1], got[1]),
+                # diversity: a diagnostic from per-device row sums, equal to
+                # float rounding (compared on its own, relative); the other
+                # metrics as before.
+                "metrics": _compare(_no_diversity(want[1]), _no_diversity(got[1])),
+                "diversity": _rel_diff(want[1].diversity, got[1].diversity),
                 "rows_per_shard": _rows(got[0].swarm.positions["Conv_0"]["kernel"]),
             }
 
@@ -503,13 +513,39 @@ def _metrics(workdir: str) -> list[dict]:
 
 
 def _compare_metrics(a: list[dict], b: list[dict]) -> dict:
-    """Max |a - b| over every metric of every step; whether the steps match."""
+    """Max |a - b| over every metric of every step; whether the steps match.
+
+    ``diversity`` (per-device row sums: equal to float rounding) is compared
+    on its own, relatively.
+    """
     same_steps = [r["step"] for r in a] == [r["step"] for r in b]
+    pairs = list(zip(a, b, strict=False))
     diff = max(
-        (abs(x[k] - y[k]) for x, y in zip(a, b, strict=False) for k in x),
+        (abs(x[k] - y[k]) for x, y in pairs for k in x if k != "diversity"),
         default=0.0,
     )
-    return {"same_steps": same_steps, "max_abs_diff": float(diff), "equal": a == b}
+    div = [(x["diversity"], y["diversity"]) for x, y in pairs if "diversity" in x]
+    strip = [{k: v for k, v in r.items() if k != "diversity"} for r in a]
+    strip_b = [{k: v for k, v in r.items() if k != "diversity"} for r in b]
+    return {
+        "same_steps": same_steps,
+        "max_abs_diff": float(diff),
+        "equal": strip == strip_b,
+        "diversity_rel_diff": max(
+            (abs(x - y) / max(abs(x), 1e-30) for x, y in div), default=0.0
+        ),
+    }
+
+
+def _no_diversity(metrics):
+    return metrics._replace(diversity=metrics.diversity * 0)
+
+
+def _rel_diff(a, b) -> float:
+    import numpy as np
+
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b) / np.maximum(np.abs(a), 1e-30)))
 
 
 SUMMARY_KEYS = (

@@ -115,6 +115,59 @@ def test_sigterm_checkpoints_and_resume_is_exact(data_dir, tmp_path):
     assert log("part") == log("full")
 
 
+def test_pbt_run_returns_the_validation_winner_and_resumes_exactly(data_dir, tmp_path):
+    """Per-particle learning rates, exploit, next-batch selection, elitism."""
+    cfg = _cfg(
+        data_dir,
+        steps=6,
+        eval_every=3,
+        lr_range=(1e-3, 1e-2),
+        exploit_every=3,
+        select_on="next",
+        checkpoint_every=3,
+    )
+    full = experiment.train(cfg, tmp_path / "full", progress=False)
+    val = full["candidates_val_accuracy"]
+    assert set(val) == {
+        "best_particle",
+        "elite",
+        "greedy_soup",
+        "uniform_soup",
+        "ensemble",
+    }
+    assert val[full["returned_model"]] == max(val.values())
+    test = full["candidates_test_accuracy"]
+    assert full["test_accuracy"] == test[full["returned_model"]]
+    assert full["elite_step"] in (3, 6) and (tmp_path / "full/elite").is_dir()
+    lrs = full["grad_hparams_best_first"]["learning_rate"]
+    assert len(lrs) == cfg.particles and all(
+        1e-3 * 0.8 <= v <= 1e-2 * 1.25 for v in lrs
+    )
+    records = [
+        json.loads(x)
+        for x in (tmp_path / "full/metrics.jsonl").read_text().splitlines()
+    ]
+    exploited = [r["num_exploited"] for r in records if "num_exploited" in r]
+    assert exploited == [0, 0, 1, 0, 0, 1]  # floor(0.25 * 4) at steps 3 and 6
+    assert all(r["diversity"] > 0 for r in records if "diversity" in r)
+
+    def kill_at_3(step, state):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    experiment.train(cfg, tmp_path / "part", progress=False, on_step=kill_at_3)
+    again = experiment.train(cfg, tmp_path / "part", resume=True, progress=False)
+    for key in (
+        "returned_model",
+        "test_accuracy",
+        "candidates_val_accuracy",
+        "candidates_test_accuracy",
+        "elite_step",
+        "grad_hparams_best_first",
+    ):
+        assert again[key] == full[key], key
+
+
 def test_resume_errors_are_clear_and_touch_nothing(data_dir, tmp_path):
     cfg = _cfg(data_dir, steps=3)
     with pytest.raises(ckpt.CheckpointError, match="no checkpoint"):
@@ -173,6 +226,10 @@ def test_head_only_swarm_keeps_the_backbone_shared(data_dir, tmp_path):
         ({"model": "resnet"}, "model='resnet'"),
         ({"swarm_over": "head"}, "needs pretrained"),
         ({"learning_rate": -1.0}, "learning_rate=-1.0"),
+        ({"lr_range": (1e-2, 1e-4)}, r"lr_range=\(0.01, 0.0001\)"),
+        ({"exploit_fraction": 0.9}, "exploit_fraction=0.9"),
+        ({"select_on": "last"}, "select_on='last'"),
+        ({"time_budget": 0.0}, "time_budget=0.0"),
         ({"bogus": 1}, "bogus"),
         ({"patch": (2, 0, 4)}, r"patch=\(2, 0, 4\)"),
         ({"patch": (2, 4)}, r"patch=\(2, 4\)"),

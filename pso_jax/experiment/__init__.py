@@ -5,7 +5,9 @@ procedural ``moving_shapes`` dataset if needed), builds the model, the swarm and
 the fused train step (:func:`pso_jax.train.make_train_step`), then runs
 ``steps_per_call`` steps per jitted ``lax.scan`` call with the state donated,
 logging every step to ``metrics.jsonl``, checkpointing with orbax, and finally
-evaluating the best particle and the top-k ensemble on the test split.
+evaluating on the test split the best particle and the top-k ensemble (with
+validation on: the candidate that wins on validation among the best particle,
+the elite, the weight soups and the ensemble).
 
 Exact resumes: the batch of step ``s`` is element ``s`` of a seeded, repeated
 grain dataset (random access, no iterator state), every random draw derives from
@@ -29,6 +31,7 @@ Work directory::
     metrics.jsonl      one record per step (and per validation)
     checkpoints/<s>/   orbax checkpoints of the full TrainState
     summary.json       test metrics, timings, throughput (atomic)
+    elite/             with validation: the best model it saw (kept on resume)
     convergence.png    best / mean fitness and validation accuracy vs step
     confusion.png      the best particle's test confusion matrix
 
@@ -45,6 +48,8 @@ the run, the loop, metrics, reports):
   (resumes, checkpoints, signals).
 - :mod:`~pso_jax.experiment.metrics`: ``metrics.jsonl`` records, evaluations,
   the summary's test metrics.
+- :mod:`~pso_jax.experiment.selection`: what the run returns: the elite
+  (back-off), soups, ensemble, chosen on validation.
 - :mod:`~pso_jax.experiment.report`: the progress bar and the plots.
 
 >>> cfg = get_config("smoke", steps=4)

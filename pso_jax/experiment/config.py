@@ -19,6 +19,7 @@ import jax
 
 from pso_jax import sharding
 from pso_jax.models import MODELS, STEMS
+from pso_jax.population import check_ranges
 from pso_jax.pso import VARIANTS
 from pso_jax.topology import TOPOLOGIES
 from pso_jax.train import BEST_REFRESH, FITNESS_FNS
@@ -56,6 +57,22 @@ class TrainConfig:
       learning_rate: Adam's (peak) learning rate for those steps.
       lr_schedule: ``"cosine"`` (optax's cosine decay to 5 % over the run's
         ``steps * local_steps`` gradient steps) or ``"constant"``.
+      weight_decay: AdamW's decoupled weight decay (0: plain Adam).
+      lr_range, wd_range: ``(low, high)``: every particle draws its own (peak)
+        learning rate / weight decay log-uniformly over the range (Population
+        Based Training; :func:`pso_jax.train.make_train_step`'s
+        ``grad_hparams``); ``None``: every particle uses ``learning_rate`` /
+        ``weight_decay``.
+      exploit_every: every this many steps the worst ``exploit_fraction`` of
+        the particles clone good ones, hyperparameters perturbed (PBT); 0: never.
+      exploit_fraction: see ``exploit_every`` (in ``(0, 0.5]``).
+      select_on: the batch the swarm's fitness is measured on: ``"batch"`` (the
+        one the gradient steps just fitted) or ``"next"`` (the next training
+        batch, which they have not seen: selection on held-out data).
+      time_budget: stop training after this many wall seconds (``steps`` is
+        then an upper bound; the learning-rate schedule still spans ``steps``),
+        then evaluate. Runs stopped by the clock are not repeatable step for
+        step.
       batch_size: clips per step, shared by every particle.
       variant, topology: of :func:`pso_jax.pso` (``topology=None``: the
         variant's default).
@@ -97,6 +114,13 @@ class TrainConfig:
     local_steps: int = 1
     learning_rate: float = 3e-3
     lr_schedule: str = "cosine"
+    weight_decay: float = 0.0
+    lr_range: tuple[float, float] | None = None
+    wd_range: tuple[float, float] | None = None
+    exploit_every: int = 0
+    exploit_fraction: float = 0.25
+    select_on: str = "batch"
+    time_budget: float | None = None
     batch_size: int = 32
     variant: str = "inertia"
     topology: str | None = None
@@ -118,8 +142,10 @@ class TrainConfig:
 
     def __post_init__(self):
         # From JSON (config.json) or the command line, a list: store a tuple.
-        if isinstance(self.patch, (list, tuple)):
-            object.__setattr__(self, "patch", tuple(self.patch))
+        for name in ("patch", "lr_range", "wd_range"):
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)):
+                object.__setattr__(self, name, tuple(value))
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict (tuples as lists, as JSON reads them back)."""
@@ -245,6 +271,7 @@ def validate_config(cfg: TrainConfig) -> None:
         raise ValueError(f"topology={cfg.topology!r}: choose from {TOPOLOGIES}")
     if not (cfg.learning_rate > 0 and math.isfinite(cfg.learning_rate)):
         raise ValueError(f"learning_rate={cfg.learning_rate!r}: must be > 0")
+    _validate_population(cfg)
     if cfg.top_k < 1:
         raise ValueError(f"top_k={cfg.top_k!r}: must be >= 1")
     if cfg.swarm_over == "head" and cfg.pretrained is None:
@@ -253,6 +280,36 @@ def validate_config(cfg: TrainConfig) -> None:
         )
     if cfg.pretrained is not None and not os.path.isdir(cfg.pretrained):
         raise ValueError(f"pretrained={cfg.pretrained!r}: no such directory")
+
+
+def _validate_population(cfg: TrainConfig) -> None:
+    """The per-particle hyperparameter, exploit, selection and budget fields."""
+    if not (cfg.weight_decay >= 0 and math.isfinite(cfg.weight_decay)):
+        raise ValueError(f"weight_decay={cfg.weight_decay!r}: must be >= 0")
+    ranges = {"lr_range": cfg.lr_range, "wd_range": cfg.wd_range}
+    for name, rng in ranges.items():
+        if rng is None:
+            continue
+        try:
+            check_ranges({name: rng})
+        except ValueError:
+            raise ValueError(
+                f"{name}={rng!r}: expected two numbers 0 < low <= high"
+            ) from None
+    value = cfg.exploit_every
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"exploit_every={value!r}: must be an int >= 0")
+    if not 0 < cfg.exploit_fraction <= 0.5:
+        raise ValueError(
+            f"exploit_fraction={cfg.exploit_fraction!r}: must be in (0, 0.5]"
+        )
+    if cfg.exploit_every and cfg.particles < 2:
+        raise ValueError("exploit_every needs particles >= 2 (clones need a source)")
+    if cfg.select_on not in ("batch", "next"):
+        raise ValueError(f"select_on={cfg.select_on!r}: choose from ('batch', 'next')")
+    budget = cfg.time_budget
+    if budget is not None and not (budget > 0 and math.isfinite(budget)):
+        raise ValueError(f"time_budget={budget!r}: must be > 0 seconds")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -117,7 +117,10 @@ def _eval_batches(cfg: TrainConfig, source, batch_size: int = 100) -> Iterator[d
 
 def _to_float(batch: dict) -> dict:
     """uint8 clips to float32 in ``[0, 1]`` (on the device, inside the chunk)."""
-    return {**batch, "video": batch["video"].astype(jnp.float32) / 255.0}
+    out = {**batch, "video": batch["video"].astype(jnp.float32) / 255.0}
+    if "select_video" in batch:
+        out["select_video"] = batch["select_video"].astype(jnp.float32) / 255.0
+    return out
 
 
 def _batch_fn(cfg: TrainConfig, data: int) -> Callable | None:

@@ -51,6 +51,7 @@ from pso_jax.experiment.metrics import (
 )
 from pso_jax.experiment.report import _plot_convergence, _Progress
 from pso_jax.experiment.run import _layout, _restore, _Run
+from pso_jax.experiment.selection import _Elite
 from pso_jax.train import Trainer, TrainState
 
 __all__ = ["evaluate_workdir", "train"]
@@ -194,6 +195,7 @@ def _train_loop(
     if every:
         every = -(-every // k) * k  # checkpoints fall on call boundaries
     val_source = _source(cfg, "validation") if cfg.eval_every else None
+    elite = _Elite(workdir)
     clock.t_loop, clock.loop_start = time.perf_counter(), start
     step, stop = start, None
     with (
@@ -201,7 +203,7 @@ def _train_loop(
         open(workdir / "metrics.jsonl" if main else os.devnull, "a") as log,
         _Progress(progress and main, cfg.steps, start, cfg.particles) as bar,
     ):
-        while step < cfg.steps and stop is None:
+        while step < cfg.steps and stop is None and not _out_of_time(cfg, clock):
             n = min(k - step % k, cfg.steps - step)
             state, metrics = _run_chunk(run, state, batches, step, n, clock)
             wall = clock.wall()
@@ -211,6 +213,7 @@ def _train_loop(
             step += n
             if cfg.eval_every and (step % cfg.eval_every < n or step == cfg.steps):
                 res, _ = _evaluate(run, state, val_source, top_k=1)
+                elite.offer(run.eval_state(state, 1), res.accuracy, step)
                 log.write(
                     json.dumps({"step": step, "val_accuracy": res.accuracy}) + "\n"
                 )
@@ -237,7 +240,8 @@ def _chunk(trainer: Trainer, state: TrainState, batches: dict):
 def _run_chunk(run: _Run, state: TrainState, batches, step: int, n: int, clock: _Clock):
     """Steps ``step + 1`` to ``step + n`` in one jitted call (state donated)."""
     stacked = jax.tree.map(
-        lambda *xs: np.stack(xs), *(batches[step + i] for i in range(n))
+        lambda *xs: np.stack(xs),
+        *(_step_batch(run, batches, step + i) for i in range(n)),
     )
     t0 = time.perf_counter()
     state, metrics = _chunk(run.trainer, state, run.device_batches(stacked))
@@ -248,6 +252,15 @@ def _run_chunk(run: _Run, state: TrainState, batches, step: int, n: int, clock: 
         clock.compile_seconds = time.perf_counter() - t0
         clock.t_loop, clock.loop_start = time.perf_counter(), step + n
     return state, metrics
+
+
+def _step_batch(run: _Run, batches, step: int) -> dict:
+    """Step ``step``'s batch; with ``select_on="next"`` the next one to select on."""
+    batch = batches[step]
+    if run.cfg.select_on == "next":
+        nxt = batches[step + 1]
+        batch = {**batch, "select_video": nxt["video"], "select_label": nxt["label"]}
+    return batch
 
 
 def _summary(
@@ -262,7 +275,7 @@ def _summary(
     """The run's ``summary.json``: test metrics, timings, throughput, layout."""
     timed_steps = step - clock.loop_start
     loop_seconds = time.perf_counter() - clock.t_loop
-    summary = _finish(run, state, workdir)
+    summary = _finish(run, state, workdir, _Elite(workdir))
     summary.update(
         steps=step,
         wall_seconds=wall,
@@ -353,6 +366,17 @@ class _Interrupt:
             signal.signal(s, old)
 
 
+def _out_of_time(cfg: TrainConfig, clock: _Clock) -> bool:
+    """Whether the run's ``time_budget`` is spent (process 0's clock decides)."""
+    if cfg.time_budget is None:
+        return False
+    over = clock.wall() >= cfg.time_budget
+    if jax.process_count() == 1:
+        return over
+    # Every process stops at the same call (see _stop_signal).
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(over)))
+
+
 def _stop_signal(interrupt: _Interrupt) -> int | None:
     """The signal that stops the run: this process's, or any process's."""
     if jax.process_count() == 1:
@@ -396,7 +420,7 @@ def evaluate_workdir(
     _check_layout(cfg, parallel)
     run = _Run(cfg, _first_source(cfg, "train"), parallel)
     state, _ = _restore(run, workdir / "checkpoints", step=step)
-    result = _finish(run, state, workdir)
+    result = _finish(run, state, workdir, _Elite(workdir))
     result["steps"] = int(state.swarm.step)
     result["parallel"] = _layout(run)
     if jax.process_index() == 0:

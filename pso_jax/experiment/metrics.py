@@ -21,6 +21,8 @@ import numpy as np
 from pso_jax.experiment.input_pipeline import _eval_batches, _label_names, _source
 from pso_jax.experiment.report import _plot_confusion
 from pso_jax.experiment.run import _Run
+from pso_jax.experiment.selection import _choose, _Elite
+from pso_jax.fitness import score
 from pso_jax.train import TrainState, evaluate
 
 
@@ -73,18 +75,57 @@ def _evaluate(run: _Run, state: TrainState, source, *, top_k: int):
     )
 
 
-def _finish(run: _Run, state: TrainState, workdir: Path) -> dict[str, Any]:
-    """Test metrics of the best particle and the top-k ensemble; confusion plot."""
-    best, ens = _evaluate(run, state, _source(run.cfg, "test"), top_k=run.cfg.top_k)
+def _finish(run: _Run, state: TrainState, workdir: Path, elite: _Elite) -> dict:
+    """Test metrics of the returned model and the top-k ensemble; confusion plot.
+
+    With validation (``eval_every``), the returned model is the candidate that
+    wins on validation (:func:`pso_jax.experiment.selection._choose`: the
+    elite, the best particle, the soups, the ensemble); otherwise the swarm's
+    best particle.
+    """
+    cfg = run.cfg
+    extra = {}
+    if cfg.eval_every:
+        chosen = _choose(run, state, elite)
+        best, ens = chosen["returned_result"], chosen["ensemble_result"]
+        extra = {
+            "returned_model": chosen["returned"],
+            "candidates_val_accuracy": chosen["val_accuracy"],
+            "candidates_test_accuracy": chosen["test_accuracy"],
+            "best_particle_test_accuracy": chosen["best_result"].accuracy,
+            "greedy_soup_size": chosen["greedy_soup_size"],
+            "elite_val_accuracy": elite.meta and elite.meta["val_accuracy"],
+            "elite_step": elite.meta and elite.meta["step"],
+        }
+    else:
+        best, ens = _evaluate(run, state, _source(cfg, "test"), top_k=cfg.top_k)
     if jax.process_index() == 0:
-        _plot_confusion(best, workdir / "confusion.png", _label_names(run.cfg))
+        _plot_confusion(best, workdir / "confusion.png", _label_names(cfg))
     return {
         "test_accuracy": best.accuracy,
         "test_macro_f1": best.macro_f1,
         "test_per_class_recall": best.per_class_recall,
         "test_confusion": best.confusion,
-        "ensemble_size": min(run.cfg.top_k, run.cfg.particles),
+        "ensemble_size": min(cfg.top_k, cfg.particles),
         "ensemble_test_accuracy": ens.accuracy,
         "ensemble_test_macro_f1": ens.macro_f1,
         "best_train_fitness": float(state.swarm.best_fitness),
+        **extra,
+        **_grad_hparams(run, state),
+    }
+
+
+def _grad_hparams(run: _Run, state: TrainState) -> dict[str, Any]:
+    """The per-particle hyperparameters (PBT) of the particles, best first."""
+    if state.grad_hparams is None or jax.process_count() > 1:
+        return {}
+    order = np.argsort(
+        np.asarray(score(state.swarm.pbest_fitness, run.trainer.maximize)),
+        kind="stable",
+    )[: run.cfg.particles]
+    return {
+        "grad_hparams_best_first": {
+            name: np.asarray(v)[order].tolist()
+            for name, v in state.grad_hparams.items()
+        }
     }

@@ -161,15 +161,50 @@ def _make_trainer(cfg: TrainConfig, model, optimizer, batch_fn) -> Trainer:
     def apply_fn(params, video):
         return model.apply({"params": params}, video)
 
+    ranges = {}
+    if cfg.lr_range is not None:
+        ranges["learning_rate"] = cfg.lr_range
+    if cfg.wd_range is not None:
+        ranges["weight_decay"] = cfg.wd_range
     return make_train_step(
         apply_fn,
         optimizer,
         fitness=cfg.fitness,
         local_steps=cfg.local_steps,
-        grad_optimizer=optax.adam(_learning_rate(cfg)),
+        grad_optimizer=_grad_optimizer(cfg) if ranges else _adam(cfg),
         best_refresh=cfg.best_refresh,
         batch_fn=batch_fn,
+        grad_hparams=ranges or None,
+        exploit_every=cfg.exploit_every,
+        exploit_fraction=cfg.exploit_fraction,
     )
+
+
+def _adam(cfg: TrainConfig, learning_rate=None, weight_decay=None):
+    """Adam at the config's schedule; AdamW with a weight decay.
+
+    ``learning_rate`` (the schedule's peak) and ``weight_decay`` override the
+    config's: a particle's own traced values under PBT.
+    """
+    if learning_rate is None and weight_decay is None and cfg.weight_decay == 0:
+        return optax.adam(_learning_rate(cfg))
+    peak = cfg.learning_rate if learning_rate is None else learning_rate
+    decay = cfg.weight_decay if weight_decay is None else weight_decay
+    if cfg.lr_schedule == "constant" or cfg.local_steps == 0:
+        return optax.adamw(peak, weight_decay=decay)
+    shape = optax.cosine_decay_schedule(
+        1.0, decay_steps=max(cfg.steps * cfg.local_steps, 1), alpha=0.05
+    )
+    return optax.adamw(lambda count: peak * shape(count), weight_decay=decay)
+
+
+def _grad_optimizer(cfg: TrainConfig):
+    """``f(learning_rate=, weight_decay=)``: a particle's own AdamW (PBT)."""
+
+    def grad_optimizer(learning_rate=None, weight_decay=None):
+        return _adam(cfg, learning_rate, weight_decay)
+
+    return grad_optimizer
 
 
 def _learning_rate(cfg: TrainConfig):

@@ -1,0 +1,269 @@
+"""The swarm against one Adam model and a tuned learning-rate grid, at equal compute.
+
+Equal compute is the same total number of particle gradient steps in every run
+(on this CPU, where P particles cost P models, that is also about equal
+wall-clock; the wall seconds are reported beside it). Same model, data,
+augmentation and schedule shape (the ``demo`` config: C3D width 16, k = 4 Adam
+steps per swarm step, batch 32, cosine decay). With ``P`` particles and ``S``
+swarm steps, a unit of compute is ``P * S * k`` gradient steps:
+
+1. ``adam``: one model at the default learning rate, all ``P * S`` steps;
+2. ``grid``: ``P`` single models, one per learning rate of the grid, ``S``
+   steps each (together one unit): the best of the grid picked on validation
+   ("I tuned it myself") and the grid's median;
+3. ``independent``: ``P`` particles, swarm coefficients 0 (what the swarm adds);
+4. ``hybrid``: today's hybrid (the demo's gentle PSO coefficients);
+5. ``pbt``: the swarm with per-particle learning rates drawn over a range,
+   PBT's exploit every ``--exploit-every`` steps, selection on the next batch,
+   elitism, and the returned model chosen on validation among the best
+   particle, the elite, the soups and the ensemble; ``pbt_nopso``: the same
+   without the swarm move (coefficients 0), PBT alone.
+
+Every run validates ``--evals`` times and returns the validation winner among
+its candidates (for one model: the final model or its best checkpoint), so the
+baselines get the same back-off as the swarm. Robustness rows (``--robust``):
+runs 1 and 5 with the initial learning rate (range) 10x too high and too low.
+
+    PYTHONPATH=. .venv/bin/python benchmarks/swarm_vs_adam.py --out benchmarks/results
+    PYTHONPATH=. .venv/bin/python benchmarks/swarm_vs_adam.py --steps 150 \\
+        --seeds 0 --out benchmarks/results      # one seed, half the demo's steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import _provenance  # benchmarks/_provenance.py (this folder is on sys.path)
+
+from pso_jax import experiment
+
+GRID = (3e-4, 1e-3, 3e-3, 1e-2)
+
+
+def _configs(args, seed: int, lr_scale: float = 1.0) -> dict[str, list]:
+    """``{run: [TrainConfig, ...]}`` of one seed (the grid has several)."""
+    p, s = args.particles, args.steps
+    lr = args.lr * lr_scale
+
+    def cfg(steps, **kw):
+        evals = max(1, steps // args.evals)
+        every = -(-evals // 10) * 10  # a multiple of steps_per_call (10)
+        base = dict(
+            steps=steps,
+            seed=seed,
+            eval_every=every,
+            checkpoint_every=0,
+            data_dir=args.data_dir,
+            learning_rate=lr,
+        )
+        return experiment.get_config("demo", **{**base, **kw})
+
+    single = dict(particles=1, inertia=0.0, cognitive=0.0, social=0.0, top_k=1)
+    lo, hi = args.lr_range
+    runs = {
+        "adam": [cfg(p * s, **single)],
+        "pbt": [
+            cfg(
+                s,
+                lr_range=(lo * lr_scale, hi * lr_scale),
+                exploit_every=args.exploit_every,
+                select_on="next",
+            )
+        ],
+    }
+    if lr_scale == 1.0:
+        # PBT alone: the same population and exploit, no swarm move.
+        runs["pbt_nopso"] = [
+            cfg(
+                s,
+                lr_range=(lo, hi),
+                exploit_every=args.exploit_every,
+                select_on="next",
+                inertia=0.0,
+                cognitive=0.0,
+                social=0.0,
+            )
+        ]
+        runs["grid"] = [cfg(s, **{**single, "learning_rate": g}) for g in GRID]
+        runs["independent"] = [cfg(s, inertia=0.0, cognitive=0.0, social=0.0)]
+        runs["hybrid"] = [cfg(s)]
+    return runs
+
+
+def _train(cfg, workdir: Path) -> dict:
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    t0 = time.perf_counter()
+    summary = experiment.train(cfg, workdir, progress=False)
+    returned = summary.get("returned_model", "best_particle")
+    return {
+        "test_accuracy": summary["test_accuracy"],
+        "val_accuracy": summary["candidates_val_accuracy"][returned],
+        "returned": returned,
+        "candidates_test": summary.get("candidates_test_accuracy"),
+        "grad_steps": cfg.particles * cfg.steps * cfg.local_steps,
+        "wall_s": time.perf_counter() - t0,
+        "learning_rate": cfg.learning_rate,
+        "hparams": summary.get("grad_hparams_best_first"),
+        "curve": _curve(workdir, cfg),
+    }
+
+
+def _curve(workdir: Path, cfg) -> list[tuple[int, float]]:
+    """``(gradient steps, validation accuracy)`` of the run's best particle."""
+    out = []
+    for line in (workdir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if "val_accuracy" in r:
+            out.append((r["step"] * cfg.particles * cfg.local_steps, r["val_accuracy"]))
+    return out
+
+
+def _row(name: str, accs: list[float], walls: list[float], steps: int) -> str:
+    med = statistics.median(accs)
+    rng = f"{min(accs):.3f}-{max(accs):.3f}" if len(accs) > 1 else "-"
+    wall = statistics.median(walls)
+    return f"| {name} | {med:.3f} | {rng} | {len(accs)} | {steps} | {wall:.0f} |"
+
+
+def _tables(results: dict) -> list[str]:
+    lines = [
+        "| run | test accuracy (median) | range | seeds | gradient steps | wall s |",
+        "|---|---:|---|---:|---:|---:|",
+    ]
+    per = results["per_seed"]
+
+    def col(run, key="test_accuracy"):
+        return [seed[run][0][key] for seed in per.values() if run in seed]
+
+    for run in ("adam", "independent", "hybrid", "pbt", "pbt_nopso"):
+        if col(run):
+            steps = next(iter(per.values()))[run][0]["grad_steps"]
+            lines.append(_row(run, col(run), col(run, "wall_s"), steps))
+    grid_best, grid_median, grid_wall = [], [], []
+    for seed in per.values():
+        runs = seed.get("grid", [])
+        if runs:
+            pick = max(runs, key=lambda r: r["val_accuracy"])
+            grid_best.append(pick["test_accuracy"])
+            grid_median.append(statistics.median(r["test_accuracy"] for r in runs))
+            grid_wall.append(sum(r["wall_s"] for r in runs))
+    if grid_best:
+        steps = sum(r["grad_steps"] for r in next(iter(per.values()))["grid"])
+        lines.append(_row("grid, best on validation", grid_best, grid_wall, steps))
+        lines.append(_row("grid, median", grid_median, grid_wall, steps))
+    for name, seeds in results.get("robust", {}).items():
+        accs = [r["test_accuracy"] for r in seeds]
+        lines.append(
+            _row(name, accs, [r["wall_s"] for r in seeds], seeds[0]["grad_steps"])
+        )
+    return lines
+
+
+def _plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    seed0 = next(iter(results["per_seed"].values()))
+    for run, rows in seed0.items():
+        for i, r in enumerate(rows):
+            xs, ys = zip(*r["curve"], strict=True) if r["curve"] else ((), ())
+            label = run if run != "grid" else f"grid lr={GRID[i]:g}"
+            ax.plot(
+                xs, ys, marker="o", ms=3, label=label, alpha=0.5 if run == "grid" else 1
+            )
+    ax.set_xlabel("particle gradient steps")
+    ax.set_ylabel("validation accuracy (best particle)")
+    ax.set_title("moving_shapes/small, first seed")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--steps", type=int, default=300, help="swarm steps S")
+    ap.add_argument("--particles", type=int, default=4)
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--lr", type=float, default=1e-2, help="the default learning rate")
+    ap.add_argument("--lr-range", type=float, nargs=2, default=(1e-3, 3e-2))
+    ap.add_argument("--exploit-every", type=int, default=25)
+    ap.add_argument("--evals", type=int, default=6, help="validations per run")
+    ap.add_argument("--robust", action="store_true", help="also lr 10x off")
+    ap.add_argument(
+        "--runs",
+        default="adam,grid,independent,hybrid,pbt,pbt_nopso",
+        help="comma-separated runs at the default lr ('' for none: --robust alone)",
+    )
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--name", default="swarm_vs_adam", help="output file stem")
+    args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    results = {
+        "command": _provenance.command_line("swarm_vs_adam.py", argv),
+        "machine_info": (info := _provenance.machine_info()),
+        "machine": _provenance.machine_label(info),
+        "load_average": os.getloadavg(),
+        "args": {k: v for k, v in vars(args).items() if k != "out"}
+        | {"out": str(args.out)},
+        "per_seed": {},
+        "robust": {},
+    }
+    runs_dir = args.out / "runs" / "swarm_vs_adam"
+    for seed in seeds:
+        per = results["per_seed"][seed] = {}
+        wanted = set(filter(None, args.runs.split(",")))
+        for run, cfgs in _configs(args, seed).items():
+            if run not in wanted:
+                continue
+            per[run] = [
+                _train(c, runs_dir / f"{run}{i}_s{seed}") for i, c in enumerate(cfgs)
+            ]
+            print(
+                seed, run, [round(r["test_accuracy"], 3) for r in per[run]], flush=True
+            )
+            _write(results, args.out)
+        if args.robust:
+            for scale, tag in ((10.0, "lr x10"), (0.1, "lr /10")):
+                for run, cfgs in _configs(args, seed, scale).items():
+                    r = _train(cfgs[0], runs_dir / f"{run}_{scale}_s{seed}")
+                    results["robust"].setdefault(f"{run}, {tag}", []).append(r)
+                    print(seed, run, tag, round(r["test_accuracy"], 3), flush=True)
+                    _write(results, args.out)
+    results["load_average_end"] = os.getloadavg()
+    _write(results, args.out)
+    if any(results["per_seed"].values()):
+        _plot(results, args.out / f"{args.name}.png")
+
+
+def _write(results: dict, out: Path) -> None:
+    name = results["args"].get("name", "swarm_vs_adam")
+    (out / f"{name}.json").write_text(json.dumps(results, indent=1))
+    md = [
+        "# The swarm against one Adam model and an lr grid, at equal compute",
+        "",
+        f"Command: `{results['command']}`",
+        f"Machine: {results['machine']}; load average at the start "
+        f"{results['load_average'][0]:.2f}.",
+        "",
+        *_tables(results),
+        "",
+        "Test accuracy of the model each run returns (the validation winner among "
+        "its candidates). Gradient steps: particles x swarm steps x k.",
+    ]
+    (out / f"{name}.md").write_text("\n".join(md) + "\n")
+
+
+if __name__ == "__main__":
+    main()

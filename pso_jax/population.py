@@ -1,0 +1,138 @@
+"""The swarm as a population: per-particle hyperparameters, exploit/explore, diversity.
+
+Population Based Training (Jaderberg et al., 2017, "Population based training of
+neural networks"): every particle trains with its own hyperparameters of the
+gradient steps (a learning rate, a weight decay, ...), drawn over a range at the
+start; every few steps the worst particles take the weights, optimizer state and
+hyperparameters of a good one (*exploit*, truncation selection) and perturb the
+hyperparameters (*explore*). The swarm's particle axis is the population's, so
+all of it runs in the one jitted, vmapped train step
+(:func:`pso_jax.train.make_train_step`), on one device or sharded (every
+function here goes through a swarm axis, :mod:`pso_jax.swarm_axis`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+
+from pso_jax.tree_utils import tree_where
+
+
+def check_ranges(ranges: Mapping[str, tuple[float, float]]) -> None:
+    """Raise a ``ValueError`` naming a range that is not ``0 < low <= high``.
+
+    >>> check_ranges({"learning_rate": (1e-2, 1e-4)})
+    Traceback (most recent call last):
+    ...
+    ValueError: grad_hparams['learning_rate']=(0.01, 0.0001): expected 0 < low <= high
+    """
+    for name, rng in ranges.items():
+        ok = isinstance(rng, tuple | list) and len(rng) == 2
+        if ok:
+            lo, hi = (float(v) for v in rng)
+            ok = 0 < lo <= hi and math.isfinite(hi)
+        if not ok:
+            raise ValueError(
+                f"grad_hparams[{name!r}]={rng!r}: expected 0 < low <= high"
+            )
+
+
+def init_hparams(key, ranges: Mapping[str, tuple[float, float]], axis) -> dict:
+    """Per-particle hyperparameters, log-uniform over each range, stratified.
+
+    Particle ``i`` of ``P`` draws from the ``perm(i)``-th of ``P`` equal slices
+    of the log range (a Latin hypercube: every slice is used once per
+    hyperparameter), so even 4 particles cover the range.
+
+    Args:
+      key: a ``jax.random.key``.
+      ranges: ``{name: (low, high)}``.
+      axis: the swarm axis (its rows of the whole swarm's draw are returned).
+
+    Returns:
+      ``{name: [n] float32}``.
+    """
+    p = axis.num_particles
+    out = {}
+    for i, (name, (lo, hi)) in enumerate(sorted(ranges.items())):
+        key_perm, key_u = jax.random.split(jax.random.fold_in(key, i))
+        u = (jax.random.permutation(key_perm, p) + jax.random.uniform(key_u, (p,))) / p
+        log_v = math.log(lo) + u * (math.log(hi) - math.log(lo))
+        out[name] = axis.own_slice(jnp.exp(log_v).astype(jnp.float32))
+    return out
+
+
+def exploit(key, axis, score, fraction, factors, tree, hparams):
+    """PBT's truncation selection: the worst particles clone good ones.
+
+    The ``floor(fraction * P)`` particles with the worst ``score`` each take the
+    rows of a particle drawn from the same number of best ones; their
+    hyperparameters are then multiplied by a factor drawn from ``factors``
+    (explore). Padding particles are never a source.
+
+    Args:
+      key: a ``jax.random.key``.
+      axis: the swarm axis.
+      score: ``[n]`` minimisation keys (:func:`pso_jax.fitness.score`).
+      fraction: the share of the swarm replaced (static, in ``(0, 0.5]``).
+      factors: the explore factors (static tuple), e.g. ``(0.8, 1.25)``.
+      tree: per-particle leaves ``[n, ...]`` to copy (weights, optimizer state).
+      hparams: ``{name: [n]}`` per-particle hyperparameters (or ``{}``).
+
+    Returns:
+      ``(tree, hparams, replaced)``: the new rows and ``[n]`` bool, True where a
+      particle cloned another.
+    """
+    p, num_real = axis.num_particles, axis.num_real
+    n_sel = int(fraction * num_real)
+    key_src, key_f = jax.random.split(key)
+    s_all = axis.gather_all(score)
+    if axis.num_inert:  # padding ranks last, is never a source
+        s_all = jnp.where(jnp.arange(p) >= num_real, jnp.inf, s_all)
+    order = jnp.argsort(s_all, stable=True)  # best first
+    top, bottom = order[:n_sel], order[num_real - n_sel : num_real]
+    source = (
+        jnp.arange(p)
+        .at[bottom]
+        .set(top[jax.random.randint(key_src, (n_sel,), 0, n_sel)])
+    )
+    source = axis.own_slice(source)
+    replaced = source != axis.own_rows()
+    tree = tree_where(replaced, axis.gather_rows(tree, source), tree)
+    table = jnp.asarray(factors, jnp.float32)
+    new_hparams = {}
+    for i, (name, v) in enumerate(sorted(hparams.items())):
+        pick = jax.random.randint(jax.random.fold_in(key_f, i), (p,), 0, len(factors))
+        f = axis.own_slice(table[pick])
+        v_src = axis.gather_rows(v, source)
+        new_hparams[name] = jnp.where(replaced, v_src * f, v)
+    return tree, new_hparams, replaced
+
+
+def diversity(axis, positions, center) -> jax.Array:
+    """``()`` RMS distance of the particles from ``center``, over its norm.
+
+    ``sqrt(mean_i |x_i - c|^2) / |c|`` over all swarmed leaves, with ``c`` the
+    swarm's best: 0 for a collapsed swarm (every particle the best model). From
+    per-particle sums gathered in particle order, so a sharded swarm reports
+    the unsharded value bit for bit.
+    """
+    n = axis.local_size
+    d2 = sum(
+        jnp.sum(jnp.square((x - c[None]).astype(jnp.float32)).reshape(n, -1), 1)
+        for x, c in zip(
+            jax.tree.leaves(positions), jax.tree.leaves(center), strict=True
+        )
+    )
+    inert = axis.inert_rows()
+    if inert is not None:
+        d2 = jnp.where(inert, 0.0, d2)
+    mean_d2 = jnp.sum(axis.gather_all(d2)) / axis.num_real
+    c2 = sum(
+        jnp.sum(jnp.square(c.astype(jnp.float32))) for c in jax.tree.leaves(center)
+    )
+    return jnp.sqrt(mean_d2 / jnp.maximum(c2, 1e-30))
