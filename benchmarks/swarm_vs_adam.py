@@ -77,19 +77,19 @@ def _configs(args, seed: int, lr_scale: float = 1.0) -> dict[str, list]:
             )
         ],
     }
+    # PBT alone: the same population and exploit, no swarm move.
+    runs["pbt_nopso"] = [
+        cfg(
+            s,
+            lr_range=(lo * lr_scale, hi * lr_scale),
+            exploit_every=args.exploit_every,
+            select_on="next",
+            inertia=0.0,
+            cognitive=0.0,
+            social=0.0,
+        )
+    ]
     if lr_scale == 1.0:
-        # PBT alone: the same population and exploit, no swarm move.
-        runs["pbt_nopso"] = [
-            cfg(
-                s,
-                lr_range=(lo, hi),
-                exploit_every=args.exploit_every,
-                select_on="next",
-                inertia=0.0,
-                cognitive=0.0,
-                social=0.0,
-            )
-        ]
         runs["grid"] = [cfg(s, **{**single, "learning_rate": g}) for g in GRID]
         runs["independent"] = [cfg(s, inertia=0.0, cognitive=0.0, social=0.0)]
         runs["hybrid"] = [cfg(s)]
@@ -201,6 +201,9 @@ def main(argv=None) -> None:
     ap.add_argument("--evals", type=int, default=6, help="validations per run")
     ap.add_argument("--robust", action="store_true", help="also lr 10x off")
     ap.add_argument(
+        "--robust-runs", default="adam,pbt,pbt_nopso", help="runs of the robust rows"
+    )
+    ap.add_argument(
         "--runs",
         default="adam,grid,independent,hybrid,pbt,pbt_nopso",
         help="comma-separated runs at the default lr ('' for none: --robust alone)",
@@ -234,9 +237,12 @@ def main(argv=None) -> None:
                 seed, run, [round(r["test_accuracy"], 3) for r in per[run]], flush=True
             )
             _write(results, args.out)
+        wanted_robust = set(filter(None, args.robust_runs.split(",")))
         if args.robust:
             for scale, tag in ((10.0, "lr x10"), (0.1, "lr /10")):
                 for run, cfgs in _configs(args, seed, scale).items():
+                    if run not in wanted_robust:
+                        continue
                     r = _train(cfgs[0], runs_dir / f"{run}_{scale}_s{seed}")
                     results["robust"].setdefault(f"{run}, {tag}", []).append(r)
                     print(seed, run, tag, round(r["test_accuracy"], 3), flush=True)

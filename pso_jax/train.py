@@ -402,6 +402,11 @@ def make_train_step(
     mesh = getattr(optimizer, "mesh", None)
     swarm_opt = optimizer if mesh is None else optimizer.local
     axis = swarm_opt.config.axis
+    if exploit_every and int(exploit_fraction * axis.num_real) < 1:
+        raise ValueError(
+            f"exploit_fraction={exploit_fraction} of {axis.num_real} particles "
+            "clones none: raise it, or use more particles"
+        )
     fitness_fn, grad_loss = _on_data_slices(fitness_fn, grad_loss, axis)
 
     def apply_here(params, video):

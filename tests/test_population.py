@@ -134,3 +134,10 @@ def test_exploit_step_in_the_train_step_and_selection_batch(data):
     )
     _, m_plain = jax.jit(plain.step)(None, st, batch)
     assert float(m_sel.mean_fitness) != pytest.approx(float(m_plain.mean_fitness))
+
+
+def test_an_exploit_that_would_clone_nobody_is_an_error(data):
+    _, _ = data
+    opt = pso_jax.pso(num_particles=2)
+    with pytest.raises(ValueError, match="exploit_fraction=0.25 of 2 particles"):
+        train.make_train_step(apply_fn, opt, local_steps=1, exploit_every=5)
