@@ -102,14 +102,16 @@ def exploit(key, axis, score, fraction, factors, tree, hparams):
     )
     source = axis.own_slice(source)
     replaced = source != axis.own_rows()
-    tree = tree_where(replaced, axis.gather_rows(tree, source), tree)
+    # One gather for the rows and the hyperparameters (sharded: one pass of the
+    # blocks round the ring of shards).
+    src_tree, src_hparams = axis.gather_rows((tree, hparams), source)
+    tree = tree_where(replaced, src_tree, tree)
     table = jnp.asarray(factors, jnp.float32)
     new_hparams = {}
     for i, (name, v) in enumerate(sorted(hparams.items())):
         pick = jax.random.randint(jax.random.fold_in(key_f, i), (p,), 0, len(factors))
         f = axis.own_slice(table[pick])
-        v_src = axis.gather_rows(v, source)
-        new_hparams[name] = jnp.where(replaced, v_src * f, v)
+        new_hparams[name] = jnp.where(replaced, src_hparams[name] * f, v)
     return tree, new_hparams, replaced
 
 

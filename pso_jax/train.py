@@ -260,7 +260,7 @@ def _transformation_fn(grad_optimizer, grad_hparams):
         raise ValueError(
             "with grad_hparams=, grad_optimizer must be a function of them "
             f"returning an optax transformation, e.g. lambda {', '.join(grad_hparams)}"
-            ": optax.adamw(...); got {grad_optimizer!r}"
+            f": optax.adamw(...); got {grad_optimizer!r}"
         )
     return lambda hp: grad_optimizer(**hp)
 

@@ -141,3 +141,11 @@ def test_an_exploit_that_would_clone_nobody_is_an_error(data):
     opt = pso_jax.pso(num_particles=2)
     with pytest.raises(ValueError, match="exploit_fraction=0.25 of 2 particles"):
         train.make_train_step(apply_fn, opt, local_steps=1, exploit_every=5)
+    with pytest.raises(ValueError, match=r"got GradientTransformation"):
+        train.make_train_step(
+            apply_fn,
+            pso_jax.pso(num_particles=4),
+            local_steps=1,
+            grad_optimizer=optax.sgd(0.1),
+            grad_hparams={"learning_rate": (1e-3, 1e-2)},
+        )
