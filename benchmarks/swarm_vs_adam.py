@@ -17,7 +17,9 @@ swarm steps, a unit of compute is ``P * S * k`` gradient steps:
    PBT's exploit every ``--exploit-every`` steps, selection on the next batch,
    elitism, and the returned model chosen on validation among the best
    particle, the elite, the soups and the ensemble; ``pbt_nopso``: the same
-   without the swarm move (coefficients 0), PBT alone.
+   without the swarm move (coefficients 0), PBT alone; ``pbt_hpso``: no
+   exploit and no swarm move of the weights, PSO on the log learning rates
+   instead (``hparam_move="pso"``); ``pbt_both``: the exploit and that move.
 
 Every run validates ``--evals`` times and returns the validation winner among
 its candidates (for one model: the final model or its best checkpoint), so the
@@ -66,32 +68,25 @@ def _configs(args, seed: int, lr_scale: float = 1.0) -> dict[str, list]:
 
     single = dict(particles=1, inertia=0.0, cognitive=0.0, social=0.0, top_k=1)
     lo, hi = args.lr_range
+    population = dict(
+        lr_range=(lo * lr_scale, hi * lr_scale),
+        exploit_every=args.exploit_every,
+        select_on="next",
+    )
+    no_move = dict(inertia=0.0, cognitive=0.0, social=0.0)
     runs = {
         "adam": [cfg(p * s, **single)],
-        "pbt": [
-            cfg(
-                s,
-                lr_range=(lo * lr_scale, hi * lr_scale),
-                exploit_every=args.exploit_every,
-                select_on="next",
-            )
-        ],
+        "pbt": [cfg(s, **population)],
+        # PBT alone: the same population and exploit, no swarm move.
+        "pbt_nopso": [cfg(s, **population, **no_move)],
+        # The hyperparameters moved by PSO (with or without the exploit), the
+        # weights by their gradient steps only.
+        "pbt_hpso": [cfg(s, **population, **no_move, hparam_move="pso")],
+        "pbt_both": [cfg(s, **population, **no_move, hparam_move="both")],
     }
-    # PBT alone: the same population and exploit, no swarm move.
-    runs["pbt_nopso"] = [
-        cfg(
-            s,
-            lr_range=(lo * lr_scale, hi * lr_scale),
-            exploit_every=args.exploit_every,
-            select_on="next",
-            inertia=0.0,
-            cognitive=0.0,
-            social=0.0,
-        )
-    ]
     if lr_scale == 1.0:
         runs["grid"] = [cfg(s, **{**single, "learning_rate": g}) for g in GRID]
-        runs["independent"] = [cfg(s, inertia=0.0, cognitive=0.0, social=0.0)]
+        runs["independent"] = [cfg(s, **no_move)]
         runs["hybrid"] = [cfg(s)]
     return runs
 
@@ -142,7 +137,15 @@ def _tables(results: dict) -> list[str]:
     def col(run, key="test_accuracy"):
         return [seed[run][0][key] for seed in per.values() if run in seed]
 
-    for run in ("adam", "independent", "hybrid", "pbt", "pbt_nopso"):
+    for run in (
+        "adam",
+        "independent",
+        "hybrid",
+        "pbt",
+        "pbt_nopso",
+        "pbt_hpso",
+        "pbt_both",
+    ):
         if col(run):
             steps = next(iter(per.values()))[run][0]["grad_steps"]
             lines.append(_row(run, col(run), col(run, "wall_s"), steps))

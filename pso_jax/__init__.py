@@ -5,7 +5,7 @@ swarm is a pytree with a leading particle axis, and optimizers are pairs of pure
 functions, ``init`` and ``step``, in the manner of optax and blackjax.
 """
 
-from pso_jax import fitness, objectives, sharding
+from pso_jax import fitness, flax_utils, objectives, sharding
 from pso_jax.base import StepInfo, SwarmOptimizer
 from pso_jax.bounds import BOUND_HANDLERS
 from pso_jax.minimize import (
@@ -35,7 +35,14 @@ from pso_jax.sharding import (
     make_mesh,
 )
 from pso_jax.topology import TOPOLOGIES
-from pso_jax.train import Trainer, TrainState, evaluate, make_train_step
+from pso_jax.train import (
+    HYBRID_DEFAULTS,
+    Trainer,
+    TrainState,
+    evaluate,
+    hybrid_pso,
+    make_train_step,
+)
 from pso_jax.velocity import (
     PSOConvergenceWarning,
     constriction_factor,
@@ -46,6 +53,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BOUND_HANDLERS",
+    "HYBRID_DEFAULTS",
     "RANDOM_FACTORS",
     "STOP_REASONS",
     "TOPOLOGIES",
@@ -66,7 +74,9 @@ __all__ = [
     "constriction_factor",
     "evaluate",
     "fitness",
+    "flax_utils",
     "in_stability_region",
+    "hybrid_pso",
     "initialize_distributed",
     "make_mesh",
     "make_train_step",

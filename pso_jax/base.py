@@ -61,7 +61,11 @@ class SwarmOptimizer(NamedTuple):
       init: ``init(key, params_template, hparams) -> state``.
       step: ``step(key, state, batch, hparams) -> (state, StepInfo)``: evaluates
         the fitness function given to the factory on every particle, updates the
-        bests and moves the swarm, all in one traceable call.
+        bests and moves the swarm, all in one traceable call. ``init``, ``step``
+        and ``tell`` check their arguments on the host first (the key, the
+        state, concrete hyperparameters; traced ones cannot be read, so under
+        ``jit`` they are checked where they were built), and raise a
+        ``ValueError`` naming the argument and the value.
       tell: ``tell(key, state, fitness, hparams) -> (state, StepInfo)``: the same
         without evaluation, for fitness computed elsewhere (a simulator, say) on
         the positions returned by ``ask``.

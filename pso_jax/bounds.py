@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pso_jax.tree_utils import leaf_paths, partition
+from pso_jax.types import check_real
 
 BOUND_HANDLERS = ("clip", "reflect", "periodic", "resample")
 
@@ -64,8 +65,12 @@ def apply(handling: str, x, v, low, high, u=None):
 def check_pair(bounds: Any) -> None:
     """Check the ``(low, high)`` pair; scalar bounds are checked in full.
 
+    Bounds given as pytrees are checked leaf by leaf by :func:`normalize`, where
+    the parameters (and so each leaf's shape and dtype) are known.
+
     Raises:
-      ValueError: not a pair, or scalar ``low >= high``.
+      ValueError: not a pair, a scalar bound that is not a finite real number,
+        or scalar ``low >= high``.
 
     >>> check_pair((1.0, 0.0))
     Traceback (most recent call last):
@@ -75,6 +80,9 @@ def check_pair(bounds: Any) -> None:
     if not (isinstance(bounds, tuple | list) and len(bounds) == 2):
         raise ValueError(f"bounds must be a (low, high) pair, got {bounds!r}")
     lo, hi = bounds
+    for name, b in (("low", lo), ("high", hi)):
+        if b is not None and _is_scalar(b):
+            check_real(f"bounds {name}", b)
     if (
         lo is not None
         and hi is not None
@@ -126,7 +134,9 @@ def normalize(bounds: Any, template: Any, mask_tree: Any) -> tuple[Any, Any]:
 
     Raises:
       ValueError: naming the leaf, for bounds that do not match the parameters,
-        are not finite, or have ``low >= high``.
+        are not finite, have ``low >= high``, or whose value or range
+        ``high - low`` is not finite in the leaf's dtype (``1e5`` on a float16
+        leaf, ``(-3e38, 3e38)`` in float32).
     """
     full_def = jax.tree.structure(template)
     n = full_def.num_leaves
@@ -182,8 +192,9 @@ def _leaf_bounds(path: str, t, lo, hi):
         shape = None
     if shape != np.shape(t):
         raise ValueError(
-            f"bounds for leaf {path}: shapes {lo_a.shape} and {hi_a.shape} do "
-            f"not broadcast to the leaf's shape {np.shape(t)}"
+            f"bounds for leaf {path}: low shape {lo_a.shape} and high shape "
+            f"{hi_a.shape} do not broadcast to the leaf's shape {np.shape(t)} "
+            "(give scalars, or arrays of the parameters' shapes)"
         )
     if not (np.all(np.isfinite(lo_a)) and np.all(np.isfinite(hi_a))):
         raise ValueError(
@@ -193,10 +204,52 @@ def _leaf_bounds(path: str, t, lo, hi):
     lo_b, hi_b = np.broadcast_arrays(lo_a, hi_a)
     bad = lo_b >= hi_b
     if np.any(bad):
-        i = tuple(int(j) for j in np.unravel_index(np.argmax(bad), bad.shape))
+        i = _first(bad)
         raise ValueError(
             f"bounds for leaf {path}: low must be < high, got low={lo_b[i]} >= "
-            f"high={hi_b[i]} at index {i}"
+            f"high={hi_b[i]}{_at(i)}"
         )
     dtype = jnp.result_type(t)
+    _check_representable(path, lo_b, hi_b, dtype)
     return jnp.asarray(lo_a, dtype), jnp.asarray(hi_a, dtype)
+
+
+def _first(bad: np.ndarray) -> tuple[int, ...]:
+    """The index of the first True of ``bad``."""
+    return tuple(int(j) for j in np.unravel_index(np.argmax(bad), bad.shape))
+
+
+def _at(i: tuple[int, ...]) -> str:
+    """`` at index (1, 2)`` for an element of an array, nothing for a scalar."""
+    return f" at index {i}" if i else ""
+
+
+def _check_representable(path: str, lo: np.ndarray, hi: np.ndarray, dtype) -> None:
+    """Raise unless ``lo``, ``hi`` and ``hi - lo`` are finite in the leaf's dtype.
+
+    Bounds that are finite in float64 may not be in the leaf's dtype (``1e5``
+    on a float16 leaf, whose max is 65504), and a representable pair may still
+    have a range that is not (``(-3e38, 3e38)`` in float32): the initial spread
+    ``low + u (high - low)`` and the range velocity clamp would then be inf and
+    the swarm dead from its first step.
+    """
+    fmax = float(jnp.finfo(dtype).max)
+    for name, b in (("low", lo), ("high", hi)):
+        over = np.abs(b) > fmax
+        if np.any(over):
+            i = _first(over)
+            raise ValueError(
+                f"bounds for leaf {path}: {name}={b[i]:.6g}{_at(i)} is not "
+                f"finite in the leaf's dtype {np.dtype(dtype).name} (max "
+                f"{fmax:.6g}); use smaller bounds or a wider dtype"
+            )
+    width = hi - lo
+    over = width > fmax
+    if np.any(over):
+        i = _first(over)
+        raise ValueError(
+            f"bounds for leaf {path}: the range high - low = {width[i]:.6g} (low="
+            f"{lo[i]:.6g}, high={hi[i]:.6g}{_at(i)}) is not finite in the "
+            f"leaf's dtype {np.dtype(dtype).name} (max {fmax:.6g}); use smaller "
+            "bounds or a wider dtype"
+        )

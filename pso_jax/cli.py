@@ -18,16 +18,48 @@ sharded over them, :mod:`pso_jax.sharding`) and on several hosts with
 variables, or ``--distributed-auto`` on a TPU pod slice or under SLURM/Open MPI):
 start the same command on every host; ``jax.distributed.initialize`` runs before
 anything else touches JAX's backend.
+
+Errors: one line on stderr, ``pso-jax: error: ...``, naming the flag (or file
+and field), the value and what is expected; ``--debug`` (before or after the
+subcommand) prints the full traceback too. Every numeric flag is checked
+(finite, in range) before any data is read or anything compiles; the data and
+the model are checked against each other on the host before compiling. A
+work directory has one writer at a time (``pso-jax.lock``). SIGTERM and SIGINT
+are handled from the start of a command. Exit codes (:data:`EXIT_CODES`, also
+in ``--help``):
+
+===  ==================================================================
+0    success
+1    an unexpected error (a bug): one line; --debug shows the traceback
+2    usage: a bad flag or config value, or a device layout that does not
+     fit (argparse's own errors too)
+3    the work directory is in use: another process holds its lock (the
+     message names its pid, host and command)
+4    the work directory does not fit the command or is damaged:
+     checkpoints there without --resume, --resume without a checkpoint or
+     with another configuration, an unreadable checkpoint, config.json,
+     metrics.jsonl or elite
+5    the data and the model disagree (class count, labels, clip shape,
+     batch size against the split), or the dataset cannot be read
+6    the run finished but diverged: the swarm's best fitness is not
+     finite (summary.json is written, the value as null)
+130  interrupted by SIGINT (Ctrl-C)
+143  interrupted by SIGTERM: once a run has a state it is checkpointed
+     first (continue with --resume); before that nothing is written
+===  ==================================================================
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
-import json
-import os
+import math
+import signal
 import sys
+import textwrap
 import time
+import traceback
 from pathlib import Path
 
 import jax
@@ -43,17 +75,61 @@ from rich.progress import (
 
 from pso_jax import experiment, objectives, sharding
 from pso_jax.checkpoint import CheckpointError
+from pso_jax.experiment import loop
+from pso_jax.experiment.loop import _Interrupt
+from pso_jax.experiment.metrics import _json_text, _write_json
 from pso_jax.minimize import scan_chunks
 from pso_jax.models import MODELS, STEMS
 from pso_jax.pso import VARIANTS, pso
 from pso_jax.topology import TOPOLOGIES
 from pso_jax.train import BEST_REFRESH, FITNESS_FNS
 
+EXIT_CODES = {
+    0: "success",
+    1: "an unexpected error (a bug): one line; --debug shows the traceback",
+    2: "usage: a bad flag or config value, or a device layout that does not fit "
+    "(argparse's own errors too)",
+    3: "the work directory is in use: another process holds its lock (the "
+    "message names its pid, host and command)",
+    4: "the work directory does not fit the command or is damaged: checkpoints "
+    "there without --resume, --resume without a checkpoint or with another "
+    "configuration, an unreadable checkpoint, config.json, metrics.jsonl or elite",
+    5: "the data and the model disagree (class count, labels, clip shape, batch "
+    "size against the split), or the dataset cannot be read",
+    6: "the run finished but diverged: the swarm's best fitness is not finite "
+    "(summary.json is written, the value as null)",
+    130: "interrupted by SIGINT (Ctrl-C)",
+    143: "interrupted by SIGTERM: once a run has a state it is checkpointed first "
+    "(continue with --resume); before that nothing is written",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, with its usage errors on one line like every error."""
+
+    def error(self, message: str):
+        self.exit(2, f"pso-jax: error: {message} (see {self.prog} --help)\n")
+
 
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    """``--seed`` of ``minimize`` and ``demo``: an int in ``[0, 2**32)``."""
+    value = int(text)
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**32), got {value}")
     return value
 
 
@@ -76,23 +152,31 @@ def _range(text: str) -> tuple[float, float]:
         raise argparse.ArgumentTypeError(
             f"expected LOW,HIGH (two numbers), got {text!r}"
         ) from None
-    if not 0 < low <= high:
-        raise argparse.ArgumentTypeError(f"expected 0 < LOW <= HIGH, got {text!r}")
+    if not (0 < low <= high and math.isfinite(high)):
+        raise argparse.ArgumentTypeError(
+            f"expected finite 0 < LOW <= HIGH, got {text!r}"
+        )
     return low, high
 
 
 def _devices(text: str) -> int:
-    """``--devices``: an int >= 1, or ``all`` (0)."""
+    """``--devices``: an int >= 1, or ``all`` (``Parallelism``'s 0).
+
+    ``0`` is refused rather than read as every device: a count computed to 0
+    should fail, not silently take the whole machine.
+    """
     if text.strip().lower() == "all":
         return 0
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"expected a device count or 'all', got {text!r}"
+            f"expected a device count >= 1 or 'all', got {text!r}"
         ) from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 1 (or all), got {value}")
+    if value < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected a device count >= 1 or 'all' (every device), got {value}"
+        )
     return value
 
 
@@ -145,7 +229,7 @@ def _add_parallel_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--process-id",
-        type=int,
+        type=_nonnegative_int,
         metavar="I",
         help="this process's index in [0, N) ($JAX_PROCESS_ID)",
     )
@@ -157,11 +241,14 @@ def _add_parallel_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _start_processes(args, command: str):
+def _start_processes(args) -> experiment.Parallelism:
     """Join the multi-process run if configured; the run's ``Parallelism``.
 
     Called before anything initialises JAX's backend (``jax.distributed``
-    requires it). Returns ``None`` after printing the error for a bad value.
+    requires it).
+
+    Raises:
+      ValueError: a bad value of the flags (named as flags).
     """
     try:
         sharding.initialize_distributed(
@@ -175,8 +262,7 @@ def _start_processes(args, command: str):
         )
     except ValueError as e:
         message = str(e).replace("auto=True", "--distributed-auto")
-        print(f"pso-jax {command}: {message}", file=sys.stderr)
-        return None
+        raise ValueError(message) from None
 
 
 def _is_main_process() -> bool:
@@ -192,12 +278,15 @@ def _add_swarm_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=_positive_int, default=1000, help="step budget")
     p.add_argument("--variant", default="inertia", choices=VARIANTS)
     p.add_argument("--topology", default=None, choices=TOPOLOGIES)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--workdir", type=Path, default=Path("pso_out"))
 
 
-def _run_swarm(args, variant: str, progress, task, log) -> dict:
-    """Run one swarm in chunks of jitted ``lax.scan`` steps; return its record."""
+def _run_swarm(args, variant: str, progress, task, log, interrupt) -> dict:
+    """Run one swarm in chunks of jitted ``lax.scan`` steps; return its record.
+
+    A SIGTERM/SIGINT stops it after the chunk it arrives in (``interrupt``).
+    """
     key = jax.random.key(args.seed)
     key_problem, key_swarm = jax.random.split(key)
     problem = objectives.make_problem(
@@ -231,8 +320,9 @@ def _run_swarm(args, variant: str, progress, task, log) -> dict:
                 "best_fitness": float(b),
                 "mean_fitness": float(m),
             }
-            log.write(json.dumps(record) + "\n")
+            log.write(_json_text(record) + "\n")  # strict JSON: inf as null
         progress.update(task, advance=len(best), best=f"{best[-1]:.4g}")
+        interrupt.check()
     wall = time.perf_counter() - start
     return {
         "variant": variant,
@@ -246,19 +336,19 @@ def _run_swarm(args, variant: str, progress, task, log) -> dict:
 
 
 def _minimize_cmd(args, variants: list[str]) -> int:
-    # matplotlib (~0.4 s) is imported here, not at the top, to keep `--help` fast.
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     try:
         objectives.get(args.objective)
-    except (KeyError, ValueError) as e:
-        print(f"pso-jax: {e}", file=sys.stderr)
-        return 2
+    except KeyError as e:
+        raise ValueError(str(e)) from None
+    with _Interrupt() as interrupt, experiment.lock_workdir(args.workdir):
+        records = _minimize_runs(args, variants, interrupt)
+        _minimize_report(args, records)
+    return 0
+
+
+def _minimize_runs(args, variants: list[str], interrupt) -> list[dict]:
+    """Every variant's run, with a progress bar; ``metrics.jsonl`` written."""
     console = Console(stderr=True)
-    args.workdir.mkdir(parents=True, exist_ok=True)
     records = []
     columns = (
         TextColumn("[bold]{task.description}"),
@@ -274,7 +364,19 @@ def _minimize_cmd(args, variants: list[str]) -> int:
     ):
         for variant in variants:
             task = progress.add_task(variant, total=args.steps, best="-")
-            records.append(_run_swarm(args, variant, progress, task, log))
+            records.append(_run_swarm(args, variant, progress, task, log, interrupt))
+    return records
+
+
+def _minimize_report(args, records: list[dict]) -> None:
+    """``convergence.png``, ``summary.json`` (strict JSON) and the result lines."""
+    # matplotlib (~0.4 s) is imported here, not at the top, to keep `--help` fast.
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    console = Console(stderr=True)
     fig, ax = plt.subplots(figsize=(6, 4))
     for rec in records:
         err = [max(h - 0.0, 1e-12) for h in rec["history"]]
@@ -296,28 +398,46 @@ def _minimize_cmd(args, variants: list[str]) -> int:
         "seed": args.seed,
         "runs": [{k: v for k, v in r.items() if k != "history"} for r in records],
     }
-    tmp = args.workdir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, args.workdir / "summary.json")  # atomic
+    _write_json(args.workdir / "summary.json", summary)  # atomic, strict JSON
     for r in records:
         console.print(
             f"{r['variant']:>13}: best {r['best_fitness']:.6g} in {r['steps']} steps, "
             f"{r['wall_seconds']:.2f} s ({r['particle_evals_per_second']:.3g} evals/s)"
         )
+    metrics_path = args.workdir / "metrics.jsonl"
     console.print(f"wrote {metrics_path}, summary.json, convergence.png")
-    return 0
+
+
+# The flags that --resume may change (experiment.RESUME_MAY_CHANGE's fields).
+_RESUMABLE_FLAGS = ", ".join(
+    "--" + f.replace("_", "-") for f in experiment.RESUME_MAY_CHANGE
+)
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
     g.add_argument(
         "--config",
-        default="demo",
+        default=None,
         choices=sorted(experiment.CONFIGS),
-        help="preset (default: %(default)s); the flags below override its fields",
+        help="preset (default: demo); the flags below override its fields; not "
+        "with --resume, which reads the run's config.json",
     )
-    g.add_argument("--workdir", type=Path, default=None, help="default: <config>_out")
-    g.add_argument("--resume", action="store_true", help="continue from a checkpoint")
+    g.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="default: <config>_out, or <config>_out_2, _3, ... when that holds "
+        "another run (printed at the start)",
+    )
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --workdir from its newest checkpoint and its "
+        f"config.json; only {_RESUMABLE_FLAGS} "
+        "may be given to change it (--steps N extends a run; the learning-rate "
+        "schedule keeps its original span and stays at its floor after)",
+    )
     g.add_argument("--seed", type=int)
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     d = p.add_argument_group("data")
@@ -370,6 +490,12 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     )
     s.add_argument("--exploit-fraction", type=float, help="share cloned (0, 0.5]")
     s.add_argument(
+        "--hparam-move",
+        choices=("exploit", "pso", "both"),
+        help="every --exploit-every steps: PBT's clone (exploit), PSO on the "
+        "log-hyperparameters (pso), or both",
+    )
+    s.add_argument(
         "--select-on",
         choices=("batch", "next"),
         help="measure the swarm's fitness on the batch just fitted, or the next",
@@ -402,34 +528,105 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--top-k", type=_positive_int)
 
 
-def _train_cmd(args) -> int:
-    parallel = _start_processes(args, "train")
-    if parallel is None:
-        return 2
-    try:
-        fields = [f.name for f in dataclasses.fields(experiment.TrainConfig)]
-        cfg = experiment.get_config(
-            args.config, **{k: getattr(args, k) for k in fields if hasattr(args, k)}
-        )
-    except ValueError as e:
-        print(f"pso-jax train: {e}", file=sys.stderr)
-        return 2
-    workdir = args.workdir or Path(f"{args.config}_out")
-    try:
-        summary = experiment.train(
-            cfg,
-            workdir,
-            resume=args.resume,
-            progress=not args.no_progress,
-            parallel=parallel,
-        )
-    except (FileExistsError, CheckpointError, ValueError) as e:
-        print(f"pso-jax train: {e}", file=sys.stderr)
-        return 2
-    if summary.get("interrupted"):
+def _given_fields(args) -> dict:
+    """The :class:`~pso_jax.experiment.TrainConfig` fields given as flags."""
+    fields = [f.name for f in dataclasses.fields(experiment.TrainConfig)]
+    return {k: getattr(args, k) for k in fields if getattr(args, k, None) is not None}
+
+
+def _default_workdir(config: str, resume: bool) -> Path:
+    """``<config>_out``; for a new run, the first of ``<config>_out_2``, ``_3``,
+    ... that holds no run when ``<config>_out`` does (``make demo``'s folder,
+    then ``pso-jax train --config demo``)."""
+    base = Path(f"{config}_out")
+    if resume:
+        return base
+    candidate, n = base, 1
+    while (candidate / "checkpoints").exists() or (candidate / "config.json").exists():
+        n += 1
+        candidate = Path(f"{base}_{n}")
+    if n > 1:
         print(
-            f"pso-jax train: interrupted at step {summary['steps']}; checkpoint "
-            f"saved; continue with --resume --workdir {workdir}",
+            f"pso-jax: note: {base} holds another run; writing to {candidate} "
+            "(--workdir chooses the folder)",
+            file=sys.stderr,
+        )
+    return candidate
+
+
+def _resume_config(args, workdir: Path) -> experiment.TrainConfig:
+    """The config a ``--resume`` continues: ``workdir``'s ``config.json`` with
+    the flags of :data:`~pso_jax.experiment.RESUME_MAY_CHANGE` applied.
+
+    Without a ``config.json`` (no run there) the flags' config, for
+    :func:`~pso_jax.experiment.train` to report what is missing.
+
+    Raises:
+      RunFileError: a damaged ``config.json``, or a flag that differs from the
+        saved value and may not change (one line: the flag, both values).
+    """
+    given = _given_fields(args)
+    path = workdir / "config.json"
+    if not path.is_file():
+        return experiment.get_config(args.config or "demo", **given)
+    saved = experiment.read_config(path)
+    if args.config is not None:
+        preset = experiment.CONFIGS[args.config].to_dict()
+        unlike = [
+            k
+            for k, v in saved.to_dict().items()
+            if preset[k] != v and k not in given and k != "schedule_steps"
+        ]
+        if unlike:  # --config would have changed these: say it does not
+            print(
+                f"pso-jax: note: --resume continues {workdir} from its "
+                f"config.json; --config {args.config} is not applied (the run "
+                f"keeps its {', '.join(unlike)})",
+                file=sys.stderr,
+            )
+    changes = {}
+    for name, value in given.items():
+        old = getattr(saved, name)
+        if isinstance(value, list):
+            value = tuple(value)
+        if value == old:
+            continue
+        if name not in experiment.RESUME_MAY_CHANGE:
+            flag = args._flags.get(name, name)
+            shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
+            raise experiment.RunFileError(
+                f"{flag} {shown}: the run in {workdir} has {name}={old!r} "
+                f"(its config.json); resume without {flag} (--resume reads it "
+                "from there), or start a new run with another --workdir"
+            )
+        changes[name] = value
+    if "steps" in changes:  # keep the schedule's span: the steps run stay exact
+        changes["schedule_steps"] = saved.schedule_steps or saved.steps
+    cfg = dataclasses.replace(saved, **changes)
+    experiment.validate_config(cfg)
+    return cfg
+
+
+def _train_cmd(args) -> int:
+    parallel = _start_processes(args)
+    config = args.config or "demo"
+    workdir = args.workdir or _default_workdir(config, args.resume)
+    if args.resume:
+        cfg = _resume_config(args, workdir)
+    else:
+        cfg = experiment.get_config(config, **_given_fields(args))
+    summary = experiment.train(
+        cfg,
+        workdir,
+        resume=args.resume,
+        progress=not args.no_progress,
+        parallel=parallel,
+    )
+    if summary.get("interrupted"):
+        name = signal.Signals(summary["signal"]).name
+        print(
+            f"pso-jax: interrupted by {name} at step {summary['steps']}; checkpoint "
+            f"saved; continue with: pso-jax train --resume --workdir {workdir}",
             file=sys.stderr,
         )
         return 128 + summary["signal"]
@@ -442,39 +639,69 @@ def _train_cmd(args) -> int:
         f" macro-F1 {summary['test_macro_f1']:.4f}; {summary['steps']} steps in "
         f"{summary['wall_seconds']:.1f} s; wrote {workdir}/summary.json"
     )
+    best = summary["best_train_fitness"]
+    if not math.isfinite(best):
+        print(
+            f"pso-jax: error: the run diverged: the swarm's best fitness is {best} "
+            "(no particle kept a finite fitness), so the accuracies above are of "
+            "an arbitrary model; lower --lr or --init-scale, or check the data",
+            file=sys.stderr,
+        )
+        return 6
     return 0
 
 
 def _evaluate_cmd(args) -> int:
-    parallel = _start_processes(args, "evaluate")
-    if parallel is None:
-        return 2
-    try:
-        result = experiment.evaluate_workdir(
-            args.workdir, step=args.step, parallel=parallel
-        )
-    except (FileNotFoundError, CheckpointError, ValueError) as e:
-        print(f"pso-jax evaluate: {e}", file=sys.stderr)
-        return 2
+    parallel = _start_processes(args)
+    out = [loop.EVAL_JSON, loop.EVAL_CONFUSION]
+    existed = [name for name in out if (args.workdir / name).exists()]
+    result = experiment.evaluate_workdir(
+        args.workdir, step=args.step, parallel=parallel
+    )
     if not _is_main_process():
         return 0
+    wrote = ", ".join(
+        f"{'rewrote' if name in existed else 'wrote'} {args.workdir / name}"
+        for name in out
+    )
     print(
         f"step {result['steps']}: test accuracy {result['test_accuracy']:.4f}, "
         f"macro-F1 {result['test_macro_f1']:.4f}, top-{result['ensemble_size']} "
-        f"ensemble {result['ensemble_test_accuracy']:.4f}; wrote "
-        f"{args.workdir}/evaluation.json"
+        f"ensemble {result['ensemble_test_accuracy']:.4f}; {wrote}"
     )
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``pso-jax`` console script."""
-    parser = argparse.ArgumentParser(
-        prog="pso-jax", description="Particle swarm optimization in JAX."
+def _exit_codes_epilog() -> str:
+    """The ``--help`` epilog: :data:`EXIT_CODES`, one wrapped entry each."""
+    lines = ["exit codes:"]
+    for code, text in EXIT_CODES.items():
+        lines += textwrap.wrap(
+            text, 78, initial_indent=f"  {code:<4} ", subsequent_indent=" " * 7
+        )
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    """The ``pso-jax`` parser, its subcommands and their flags."""
+    common = _Parser(add_help=False)
+    common.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="on an error, print the full traceback as well as the one line",
+    )
+    layout = dict(
+        parents=[common],
+        epilog=_exit_codes_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser = _Parser(
+        prog="pso-jax", description="Particle swarm optimization in JAX.", **layout
     )
     sub = parser.add_subparsers(dest="command", required=True)
     p_min = sub.add_parser(
-        "minimize", help="minimise a benchmark function", description=__doc__
+        "minimize", help="minimise a benchmark function", description=__doc__, **layout
     )
     _add_swarm_args(p_min)
     p_train = sub.add_parser(
@@ -484,31 +711,54 @@ def main(argv: list[str] | None = None) -> int:
         "whole model) with the fused PSO (+ gradient) step; writes metrics.jsonl, "
         "checkpoints/, summary.json, convergence.png and confusion.png to "
         "--workdir. SIGTERM/Ctrl-C checkpoints before exiting; --resume continues.",
+        **layout,
     )
     _add_train_args(p_train)
     _add_parallel_args(p_train)
+    # Error messages name a bad config field by its flag (when it was given).
+    p_train.set_defaults(
+        _flags={
+            a.dest: a.option_strings[0] for a in p_train._actions if a.option_strings
+        }
+    )
     p_eval = sub.add_parser(
         "evaluate",
         help="re-evaluate a saved swarm on the test split",
         description="Restore a run's checkpoint and evaluate its best particle and "
-        "top-k ensemble on the test split; writes evaluation.json, confusion.png.",
+        "top-k ensemble on the test split; writes evaluation.json and "
+        "evaluation_confusion.png (says 'rewrote' when they were there; the "
+        "run's summary.json and confusion.png are never touched).",
+        **layout,
     )
     p_eval.add_argument("--workdir", type=Path, required=True, help="a run's workdir")
-    p_eval.add_argument("--step", type=int, default=None, help="default: newest")
+    p_eval.add_argument(
+        "--step", type=_nonnegative_int, default=None, help="default: newest"
+    )
     _add_parallel_args(p_eval)
     p_demo = sub.add_parser(
         "demo",
         help="the built-in demo: train --config demo (or --rastrigin)",
+        **layout,
     )
-    p_demo.add_argument("--workdir", type=Path, default=Path("demo_out"))
+    p_demo.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="default: demo_out (train --config demo), demo_rastrigin_out "
+        "(--rastrigin)",
+    )
     p_demo.add_argument(
         "--rastrigin",
         action="store_true",
         help="instead: every variant on shifted rotated Rastrigin (D=10)",
     )
     p_demo.add_argument("--steps", type=_positive_int, default=None)
-    p_demo.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    p_demo.add_argument("--seed", type=_seed, default=0)
+    return parser
+
+
+def _dispatch(args) -> int:
+    """Run the parsed command; its exit code."""
     if args.command == "minimize":
         return _minimize_cmd(args, [args.variant])
     if args.command == "train":
@@ -516,10 +766,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "evaluate":
         return _evaluate_cmd(args)
     if not args.rastrigin:
-        demo_args = ["train", "--config", "demo", "--workdir", str(args.workdir)]
+        workdir = args.workdir or Path("demo_out")
+        demo_args = ["train", "--config", "demo", "--workdir", str(workdir)]
         demo_args += ["--seed", str(args.seed)]
         if args.steps is not None:
             demo_args += ["--steps", str(args.steps)]
+        if getattr(args, "debug", False):
+            demo_args.append("--debug")
         return main(demo_args)
     demo = argparse.Namespace(
         objective="rastrigin",
@@ -530,9 +783,110 @@ def main(argv: list[str] | None = None) -> int:
         steps=args.steps or 1000,
         topology=None,
         seed=args.seed,
-        workdir=args.workdir,
+        workdir=args.workdir or Path("demo_rastrigin_out"),
     )
     return _minimize_cmd(demo, list(VARIANTS))
+
+
+def _exit_code(error: BaseException) -> int:
+    """The exit code of an error's family (:data:`EXIT_CODES`)."""
+    if isinstance(error, experiment.WorkdirLockedError):
+        return 3
+    if isinstance(error, (experiment.RunFileError, CheckpointError, FileExistsError)):
+        return 4
+    if isinstance(error, experiment.DataError):
+        return 5
+    if isinstance(error, ValueError):
+        return 2
+    return 1
+
+
+def _error_message(error: BaseException, args) -> str:
+    """The error's one line; a bad config field given as a flag named as the flag."""
+    field = getattr(error, "field", None)
+    flags = getattr(args, "_flags", {})
+    named = isinstance(error, (experiment.ConfigError, experiment.DataError))
+    if named and field in flags and getattr(args, field, None) is not None:
+        value = error.value
+        if isinstance(value, (tuple, list)):
+            value = ",".join(map(str, value))
+        text = f"{flags[field]} {value}: {error.expected}"
+    else:
+        text = str(error) or type(error).__name__
+    if _exit_code(error) == 1:
+        text = f"{type(error).__name__}: {text} (unexpected; --debug shows where)"
+    return " ".join(text.split())  # one line
+
+
+def _interrupted_message(command: str, signum: int) -> str:
+    name = signal.Signals(signum).name
+    if command in ("train", "demo"):
+        return (
+            f"pso-jax: interrupted by {name} before the run had a state to "
+            "checkpoint; nothing was written"
+        )
+    written = "evaluation.json" if command == "evaluate" else "summary.json"
+    return f"pso-jax: interrupted by {name}; {written} was not written"
+
+
+def _raise_interrupted(signum, frame):
+    raise experiment.Interrupted(signum)
+
+
+@contextlib.contextmanager
+def _signals_interrupt():
+    """SIGTERM and SIGINT raise :class:`~pso_jax.experiment.Interrupted` (from the
+    start of the command; ``train`` turns them into a checkpoint once it has a
+    state); the previous handlers come back after."""
+    old = {}
+    for s in (signal.SIGTERM, signal.SIGINT):
+        # Outside the main thread no handler can be set: run without.
+        with contextlib.suppress(ValueError):
+            old[s] = signal.signal(s, _raise_interrupted)
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``pso-jax`` console script.
+
+    Returns:
+      The exit code, :data:`EXIT_CODES` (argparse's usage errors raise
+      ``SystemExit(2)``). An error prints one line, ``pso-jax: error: ...``
+      (``--debug``: the traceback before it).
+    """
+    args = _parser().parse_args(argv)
+    with _signals_interrupt():
+        try:
+            return _dispatch(args)
+        except experiment.Interrupted as e:
+            if getattr(args, "debug", False):
+                traceback.print_exc()
+            print(_interrupted_message(args.command, e.signum), file=sys.stderr)
+            return 128 + e.signum
+        except experiment.SecondInterrupt as e:  # a second signal while stopping
+            workdir = getattr(args, "workdir", None) or "DIR"
+            print(
+                f"pso-jax: second interrupt: {e}; continue with: pso-jax train "
+                f"--resume --workdir {workdir}",
+                file=sys.stderr,
+            )
+            return 130
+        except KeyboardInterrupt:  # a second signal elsewhere
+            print(
+                "pso-jax: interrupted at once by a second signal; the newest "
+                "checkpoint is the last one saved",
+                file=sys.stderr,
+            )
+            return 130
+        except Exception as e:
+            if getattr(args, "debug", False):
+                traceback.print_exc()
+            print(f"pso-jax: error: {_error_message(e, args)}", file=sys.stderr)
+            return _exit_code(e)
 
 
 if __name__ == "__main__":

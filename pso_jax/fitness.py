@@ -9,6 +9,7 @@
   ``update_best_solution_and_fitness`` does the same).
 - :func:`sanitize` and :func:`worst`: a non-finite fitness stored as the worst
   value in the user's sign (``+inf``, or ``-inf`` when maximising).
+- :func:`check_output`: the vmapped output is one real scalar per particle.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from pso_jax.tree_utils import combine
-from pso_jax.types import PyTree
+from pso_jax.types import PyTree, is_real_dtype
 
 
 def worst(maximize: bool) -> float:
@@ -51,6 +52,50 @@ def sanitize(fitness: jax.Array, maximize: bool) -> jax.Array:
     [2.0, inf]
     """
     return jnp.where(jnp.isfinite(fitness), fitness, worst(maximize))
+
+
+def check_output(out: Any, num_particles: int | None = None) -> None:
+    """Check a fitness output: one real scalar per particle.
+
+    Only static shapes and dtypes are read (no device work; tracers and
+    ``jax.eval_shape`` results pass).
+
+    Args:
+      out: what :func:`swarm_fitness` returned for ``num_particles`` particles
+        (a ``[P]`` array is expected), or, with ``num_particles=None``, what the
+        fitness returned for one particle (a ``()`` array is expected).
+      num_particles: ``P`` (the rows evaluated here), or ``None``.
+
+    Raises:
+      ValueError: naming what ``fitness_fn`` returned per particle: a pytree
+        (``(loss, aux)``), a shape other than ``()`` (a per-example ``[B]``
+        loss: take its mean), or a dtype that is not real.
+
+    >>> import jax.numpy as jnp
+    >>> check_output(jnp.zeros((4, 8)), 4)
+    Traceback (most recent call last):
+    ...
+    ValueError: fitness_fn must return a scalar for one particle; it returned shape (8,) per particle (a per-example loss? return its mean)
+    """  # noqa: E501
+    lead = 0 if num_particles is None else 1  # the particle axis
+    if not (hasattr(out, "shape") and hasattr(out, "dtype")):
+        per_particle = jax.tree.map(lambda a: tuple(jnp.shape(a)[lead:]), out)
+        raise ValueError(
+            "fitness_fn must return a scalar for one particle; it returned "
+            f"{type(out).__name__} {per_particle} (shapes per particle): return "
+            "only the fitness"
+        )
+    if out.shape != ((num_particles,) if lead else ()):
+        raise ValueError(
+            "fitness_fn must return a scalar for one particle; it returned shape "
+            f"{tuple(out.shape[lead:])} per particle (a per-example loss? return "
+            "its mean)"
+        )
+    if not is_real_dtype(out.dtype):
+        raise ValueError(
+            f"fitness_fn returned dtype {out.dtype}: expected a real number (float "
+            "or int) for one particle"
+        )
 
 
 def swarm_fitness(

@@ -32,6 +32,7 @@ from pso_jax.tree_utils import (
     tree_stack,
     tree_unstack,
 )
+from pso_jax.types import check_int, check_key
 
 PyTree = Any
 
@@ -88,11 +89,17 @@ def init_swarm_params(
     Returns:
       The params pytree with a leading particle axis: leaves ``[P, ...]``.
 
+    Raises:
+      ValueError: for a ``key`` that is not one PRNG key, or ``num_particles``
+        that is not an integer >= 1.
+
     >>> import flax.linen as nn, jax, jax.numpy as jnp
     >>> swarm = init_swarm_params(nn.Dense(3), jax.random.key(0), 4, jnp.ones((1, 2)))
     >>> swarm["kernel"].shape
     (4, 2, 3)
     """
+    check_key(key)
+    num_particles = check_int("num_particles", num_particles, minimum=1)
     keys = jax.random.split(key, num_particles)
     return jax.vmap(lambda k: init_params(model, k, sample_input))(keys)
 
@@ -100,11 +107,17 @@ def init_swarm_params(
 def stack(params_list: Sequence[PyTree]) -> PyTree:
     """Stack identical params pytrees into one with a leading particle axis.
 
+    Raises:
+      ValueError: for an empty list.
+
     >>> import jax.numpy as jnp
     >>> stack([{"w": jnp.zeros(2)}, {"w": jnp.ones(2)}])["w"].shape
     (2, 2)
     """
-    return tree_stack(list(params_list))
+    params_list = list(params_list)
+    if not params_list:
+        raise ValueError("params_list is empty: expected at least one params tree")
+    return tree_stack(params_list)
 
 
 def unstack(stacked: PyTree) -> list[PyTree]:

@@ -27,8 +27,16 @@ import numpy as np
 
 from pso_jax import fitness as fitness_lib
 from pso_jax.base import SwarmOptimizer
-from pso_jax.pso import PSOState, best_solution, pso
-from pso_jax.types import PRNGKey, PyTree
+from pso_jax.pso import PSOState, best_solution, pso, validate_hparams
+from pso_jax.tree_utils import leaf_paths
+from pso_jax.types import (
+    PRNGKey,
+    PyTree,
+    check_int,
+    check_key,
+    check_real,
+    is_tracer,
+)
 
 STOP_REASONS = ("max_steps", "target", "stall")
 
@@ -98,8 +106,21 @@ def scan_steps(
 ):
     """Run ``num_steps`` steps under ``lax.scan`` (same batch every step).
 
+    Args:
+      key: a ``jax.random.key``; step ``i`` uses :func:`step_key`.
+      optimizer: from :func:`~pso_jax.pso.pso`.
+      state: the starting state.
+      hparams: a ``PSOHyperParams`` (traced is fine; concrete ones are checked
+        by the optimizer's ``step``).
+      num_steps: steps to run, an integer ``>= 0`` (static: the scan's length).
+      batch: passed to the fitness function every step.
+
     Returns:
       ``(state, infos)``: the final state and the stacked per-step ``StepInfo``.
+
+    Raises:
+      ValueError: for ``num_steps`` that is not an integer ``>= 0`` or a
+        ``key`` that is not one PRNG key.
 
     >>> import jax, jax.numpy as jnp
     >>> from pso_jax.pso import pso
@@ -112,10 +133,33 @@ def scan_steps(
     ((50,), True)
     """
 
+    num_steps = check_int("num_steps", num_steps, minimum=0)
+    check_key(key)
+
     def body(st, _):
         return optimizer.step(step_key(key, st), st, batch, hparams)
 
     return jax.lax.scan(body, state, None, length=num_steps)
+
+
+def _check_stopping(target_fitness, ftol, patience) -> None:
+    """Check the stopping rules of :func:`run` and :func:`minimize`.
+
+    Traced values (``run`` under ``jit``) are skipped: :func:`minimize` checks
+    its own before tracing.
+
+    Raises:
+      ValueError: for a ``target_fitness`` that is not ``None`` or a finite real
+        (NaN would never be reached), an ``ftol`` that is not a finite real
+        ``>= 0`` (NaN would count every step as a stall), or a ``patience`` that
+        is not ``None`` or an integer ``>= 1`` (0 would stop after one step).
+    """
+    if target_fitness is not None and not is_tracer(target_fitness):
+        check_real("target_fitness", target_fitness)
+    if not is_tracer(ftol):
+        check_real("ftol", ftol, minimum=0.0)
+    if patience is not None and not is_tracer(patience):
+        check_int("patience", patience, minimum=1)
 
 
 def run(
@@ -139,12 +183,19 @@ def run(
       hparams: a ``PSOHyperParams``.
       num_steps: the step budget (static: it sizes the history buffer).
       batch: passed to the fitness function every step.
-      target_fitness: stop once the best is at least this good.
-      ftol: a step "improves" only if the best gains more than this.
-      patience: stop after this many steps without such improvement.
+      target_fitness: stop once the best is at least this good (finite, or
+        ``None`` for no target).
+      ftol: a step "improves" only if the best gains more than this (finite,
+        ``>= 0``).
+      patience: stop after this many steps without such improvement (an
+        integer ``>= 1``, or ``None``: never).
 
     Returns:
       ``(state, RunInfo)``.
+
+    Raises:
+      ValueError: for an invalid ``num_steps``, ``key`` or stopping rule
+        (concrete values only: traced ones are not checked), naming it.
 
     >>> import jax, jax.numpy as jnp
     >>> from pso_jax.pso import pso
@@ -157,8 +208,9 @@ def run(
     >>> STOP_REASONS[int(info.stop_reason)], bool(info.num_steps < 500)
     ('target', True)
     """
-    if num_steps < 1:
-        raise ValueError(f"num_steps={num_steps}: must be >= 1")
+    num_steps = check_int("num_steps", num_steps, minimum=1)
+    check_key(key)
+    _check_stopping(target_fitness, ftol, patience)
     maximize = optimizer.config.maximize
     sign = -1.0 if maximize else 1.0
     target = -jnp.inf if target_fitness is None else sign * jnp.float32(target_fitness)
@@ -204,6 +256,8 @@ def _is_scalar(x) -> bool:
 
 def _split_init_or_bounds(init_or_bounds, num_dims):
     """Return ``(template, bounds or None)``."""
+    if num_dims is not None:
+        num_dims = check_int("num_dims", num_dims, minimum=1)
     if isinstance(init_or_bounds, Bounds) or (
         isinstance(init_or_bounds, tuple) and len(init_or_bounds) == 2
     ):
@@ -216,24 +270,51 @@ def _split_init_or_bounds(init_or_bounds, num_dims):
                 )
             low = jnp.full((num_dims,), low, jnp.float32)
             high = jnp.full((num_dims,), high, jnp.float32)
-        try:
-            template = jax.tree.map(
-                lambda lo, hi: (jnp.asarray(lo, jnp.float32) + jnp.asarray(hi)) / 2,
-                low,
-                high,
-            )
-        except ValueError:
+        elif num_dims is not None:
             raise ValueError(
-                "bounds low and high must have the same structure, got "
-                f"{jax.tree.structure(low)} and {jax.tree.structure(high)}"
-            ) from None
-        return template, (low, high)
+                f"num_dims={num_dims} is only for scalar bounds; these bounds "
+                "have shapes"
+            )
+        return _bounds_centre(low, high), (low, high)
     template = jax.tree.map(jnp.asarray, init_or_bounds)
     if num_dims is not None:
         raise ValueError(
-            "num_dims is only for scalar bounds; the initial point has a shape"
+            f"num_dims={num_dims} is only for scalar bounds; the initial point "
+            "has a shape"
         )
     return template, None
+
+
+def _bounds_centre(low, high):
+    """The centre of ``(low, high)`` as the template; their leaves must match."""
+    try:
+        lows = jax.tree.structure(low).flatten_up_to(high)
+    except (ValueError, TypeError):
+        raise ValueError(
+            "bounds low and high must have the same structure, got "
+            f"{jax.tree.structure(low)} and {jax.tree.structure(high)}"
+        ) from None
+    for path, lo, hi in zip(leaf_paths(low), jax.tree.leaves(low), lows, strict=True):
+        if np.shape(lo) != np.shape(hi) and not (_is_scalar(lo) or _is_scalar(hi)):
+            raise ValueError(
+                f"bounds for leaf {path}: low has shape {np.shape(lo)}, high "
+                f"{np.shape(hi)}: expected the same shape (or a scalar)"
+            )
+    return jax.tree.map(
+        lambda lo, hi: (jnp.asarray(lo, jnp.float32) + jnp.asarray(hi)) / 2,
+        low,
+        high,
+    )
+
+
+def _check_minimize_args(fitness_fn, key, num_steps, restarts, restart_growth):
+    """:func:`minimize`'s own arguments (the swarm's are :func:`pso`'s)."""
+    if not callable(fitness_fn):
+        raise ValueError(f"fitness_fn must be callable, got {fitness_fn!r}")
+    check_key(key)
+    check_int("num_steps", num_steps, minimum=1)
+    check_int("restarts", restarts, minimum=0)
+    check_int("restart_growth", restart_growth, minimum=1)
 
 
 def minimize(
@@ -284,8 +365,12 @@ def minimize(
       A :class:`MinimizeResult`.
 
     Raises:
-      ValueError: for invalid arguments, or a ``fitness_fn`` that does not return
-        a scalar, before anything is compiled.
+      ValueError: for invalid arguments (naming them): a key that is not one
+        PRNG key, non-integer or out-of-range counts, a NaN or infinite
+        ``target_fitness`` or ``ftol``, ``patience < 1``, out-of-range
+        ``hparams`` (checked by :func:`~pso_jax.pso.validate_hparams` on the
+        host, before the loop), or a ``fitness_fn`` that does not return a real
+        scalar (found by ``jax.eval_shape``), all before anything is compiled.
 
     >>> import jax, jax.numpy as jnp
     >>> res = minimize(lambda x: jnp.sum(x**2), (-5.0, 5.0), num_dims=5,
@@ -293,27 +378,14 @@ def minimize(
     >>> res.best_fitness < 1e-6, res.history.shape
     (True, (200,))
     """
-    if not callable(fitness_fn):
-        raise ValueError(f"fitness_fn must be callable, got {fitness_fn!r}")
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_steps={num_steps!r}: must be an int >= 1")
-    if restarts < 0:
-        raise ValueError(f"restarts={restarts}: must be >= 0")
+    _check_minimize_args(fitness_fn, key, num_steps, restarts, restart_growth)
+    _check_stopping(target_fitness, ftol, patience)
     if restarts and patience is None:
         raise ValueError("restarts need patience= (steps without improvement)")
-    if restart_growth < 1:
-        raise ValueError(f"restart_growth={restart_growth}: must be >= 1")
-    if patience is not None and patience < 1:
-        raise ValueError(f"patience={patience}: must be >= 1")
-    if ftol < 0:
-        raise ValueError(f"ftol={ftol}: must be >= 0")
+    if hparams is not None:
+        validate_hparams(hparams, variant)
     template, bounds = _split_init_or_bounds(init_or_bounds, num_dims)
-    out = jax.eval_shape(fitness_fn, template)
-    if not hasattr(out, "shape") or out.shape != ():
-        raise ValueError(
-            "fitness_fn must return a scalar for one particle, got "
-            f"{getattr(out, 'shape', type(out))}"
-        )
+    fitness_lib.check_output(jax.eval_shape(fitness_fn, template))
 
     def fit(params, _batch):
         return fitness_fn(params)
@@ -424,8 +496,9 @@ def scan_chunks(
       chunk's steps).
 
     Raises:
-      ValueError: for ``chunk < 1`` or ``num_steps < 0`` (on the first
-        ``next``, as for any generator).
+      ValueError: for ``chunk`` not an integer ``>= 1``, ``num_steps`` not an
+        integer ``>= 0``, or a bad ``key`` (on the first ``next``, as for any
+        generator).
 
     >>> import jax, jax.numpy as jnp
     >>> from pso_jax.pso import pso
@@ -438,10 +511,9 @@ def scan_chunks(
     100 (50,)
     120 (20,)
     """
-    if chunk < 1:
-        raise ValueError(f"chunk={chunk!r}: must be >= 1")
-    if num_steps < 0:
-        raise ValueError(f"num_steps={num_steps!r}: must be >= 0")
+    chunk = check_int("chunk", chunk, minimum=1)
+    num_steps = check_int("num_steps", num_steps, minimum=0)
+    check_key(key)
 
     def advance(key, state, hparams, batch, n):
         return scan_steps(key, optimizer, state, hparams, n, batch)

@@ -5,7 +5,9 @@ neural networks"): every particle trains with its own hyperparameters of the
 gradient steps (a learning rate, a weight decay, ...), drawn over a range at the
 start; every few steps the worst particles take the weights, optimizer state and
 hyperparameters of a good one (*exploit*, truncation selection) and perturb the
-hyperparameters (*explore*). The swarm's particle axis is the population's, so
+hyperparameters (*explore*). Or the swarm moves the hyperparameters themselves:
+PSO on their logarithms (:func:`move_hparams`), each particle keeping its own
+weights. The swarm's particle axis is the population's, so
 all of it runs in the one jitted, vmapped train step
 (:func:`pso_jax.train.make_train_step`), on one device or sharded (every
 function here goes through a swarm axis, :mod:`pso_jax.swarm_axis`).
@@ -115,6 +117,82 @@ def exploit(key, axis, score, fraction, factors, tree, hparams):
     return tree, new_hparams, replaced
 
 
+# PSO on the log-hyperparameters: inertia, cognitive, social (Clerc's constriction
+# values, as the swarm's own defaults).
+HPARAM_PSO_COEFFS = (0.7298, 1.49618, 1.49618)
+# The hyperparameters move within this factor of their initial range on each
+# side: far enough to leave a range that was set 10x off, not to overflow.
+HPARAM_REACH = 100.0
+
+
+def init_hparam_swarm(hparams: Mapping[str, jax.Array]) -> dict:
+    """The PSO state of the log-hyperparameters: velocities 0, no personal best.
+
+    ``{"velocity": {name: [n]}, "pbest": {name: [n]}, "pbest_score": [n]}``;
+    every leaf is per particle.
+    """
+    first = next(iter(hparams.values()))
+    return {
+        "velocity": {k: jnp.zeros_like(v) for k, v in hparams.items()},
+        "pbest": dict(hparams),
+        "pbest_score": jnp.full(first.shape, jnp.inf, jnp.float32),
+    }
+
+
+def reset_hparam_swarm(hswarm: dict, hparams: Mapping, rows: jax.Array) -> dict:
+    """``hswarm`` with ``rows`` ([n] bool) restarted at ``hparams`` (clones)."""
+    fresh = init_hparam_swarm(hparams)
+    return jax.tree.map(lambda a, b: jnp.where(rows, a, b), fresh, hswarm)
+
+
+def move_hparams(key, axis, score, hparams, hswarm, ranges, coeffs=HPARAM_PSO_COEFFS):
+    """One PSO move of the hyperparameters, in log space.
+
+    ``u = log h``; ``v = w v + c1 r1 (u_pbest - u) + c2 r2 (u_gbest - u)``,
+    ``u = u + v``, with ``gbest`` the hyperparameters of the particle with the
+    best ``score`` now and ``pbest`` those at which this particle scored best.
+    Velocities are clamped to half the log-width of the initial range and
+    ``u`` to that range widened by :data:`HPARAM_REACH` on each side.
+
+    Args:
+      key: a ``jax.random.key``.
+      axis: the swarm axis.
+      score: ``[n]`` minimisation keys (:func:`pso_jax.fitness.score`).
+      hparams: ``{name: [n]}`` positive hyperparameters.
+      hswarm: :func:`init_hparam_swarm`'s state.
+      ranges: ``{name: (low, high)}``, the initial ranges (static).
+      coeffs: ``(w, c1, c2)``.
+
+    Returns:
+      ``(hparams, hswarm)``.
+    """
+    w, c1, c2 = coeffs
+    p = axis.num_particles
+    improved = score < hswarm["pbest_score"]
+    pbest = {k: jnp.where(improved, hparams[k], hswarm["pbest"][k]) for k in hparams}
+    pbest_score = jnp.where(improved, score, hswarm["pbest_score"])
+    _, gbest = axis.argmin(score, dict(hparams))
+    new_hp, new_v = {}, {}
+    for i, name in enumerate(sorted(hparams)):
+        lo, hi = (math.log(float(b)) for b in ranges[name])
+        vmax = max(0.5 * (hi - lo), 0.1)
+        r1, r2 = (
+            axis.own_slice(jax.random.uniform(jax.random.fold_in(key, 2 * i + j), (p,)))
+            for j in (0, 1)
+        )
+        u = jnp.log(hparams[name])
+        v = (
+            w * hswarm["velocity"][name]
+            + c1 * r1 * (jnp.log(pbest[name]) - u)
+            + c2 * r2 * (jnp.log(gbest[name]) - u)
+        )
+        new_v[name] = jnp.clip(v, -vmax, vmax)
+        reach = math.log(HPARAM_REACH)
+        u = jnp.clip(u + new_v[name], lo - reach, hi + reach)
+        new_hp[name] = jnp.exp(u).astype(hparams[name].dtype)
+    return new_hp, {"velocity": new_v, "pbest": pbest, "pbest_score": pbest_score}
+
+
 def diversity(axis, positions, center) -> jax.Array:
     """``()`` RMS distance of the particles from ``center``, over its norm.
 
@@ -124,8 +202,18 @@ def diversity(axis, positions, center) -> jax.Array:
     the unsharded value bit for bit.
     """
     n = axis.local_size
+    # In units of the best's largest weight, so huge weights do not overflow
+    # the squares (the ratio is the same).
+    scale = jnp.max(
+        jnp.stack(
+            [jnp.max(jnp.abs(c.astype(jnp.float32))) for c in jax.tree.leaves(center)]
+            or [jnp.float32(1.0)]
+        )
+    )
+    scale = jnp.where(jnp.isfinite(scale) & (scale > 0), scale, 1.0)
+    center = jax.tree.map(lambda c: c.astype(jnp.float32) / scale, center)
     d2 = sum(
-        jnp.sum(jnp.square((x - c[None]).astype(jnp.float32)).reshape(n, -1), 1)
+        jnp.sum(jnp.square(x.astype(jnp.float32) / scale - c[None]).reshape(n, -1), 1)
         for x, c in zip(
             jax.tree.leaves(positions), jax.tree.leaves(center), strict=True
         )
@@ -134,7 +222,5 @@ def diversity(axis, positions, center) -> jax.Array:
     if inert is not None:
         d2 = jnp.where(inert, 0.0, d2)
     mean_d2 = jnp.sum(axis.gather_all(d2)) / axis.num_real
-    c2 = sum(
-        jnp.sum(jnp.square(c.astype(jnp.float32))) for c in jax.tree.leaves(center)
-    )
+    c2 = sum(jnp.sum(jnp.square(c)) for c in jax.tree.leaves(center))
     return jnp.sqrt(mean_d2 / jnp.maximum(c2, 1e-30))

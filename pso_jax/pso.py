@@ -58,7 +58,14 @@ from pso_jax.tree_utils import (
     resolve_mask,
     tree_where,
 )
-from pso_jax.types import PRNGKey, PyTree
+from pso_jax.types import (
+    PRNGKey,
+    PyTree,
+    check_int,
+    check_key,
+    is_real_dtype,
+    is_tracer,
+)
 
 VARIANTS = ("inertia", "constriction", "spso2011", "cso")
 RANDOM_FACTORS = ("per_dimension", "per_particle")
@@ -70,6 +77,10 @@ RNG_IMPLS = ("hash", "jax")
 @struct.dataclass
 class PSOHyperParams:
     """Numeric hyperparameters: traced arrays, so changing them never recompiles.
+
+    Build them with ``opt.default_hparams.replace(...)``. Their valid ranges
+    are :func:`validate_hparams`'s, checked wherever concrete values enter
+    (``pso``, ``init``, ``step``, ``tell``, ``minimize``).
 
     Attributes:
       inertia: ``w``, inertia weight (unused by ``constriction`` and ``cso``).
@@ -208,32 +219,176 @@ class PSOConfig:
     init_fn: Callable | None = None
 
 
-def _concrete_float(x) -> float | None:
-    """``float(x)`` for a concrete scalar, ``None`` under tracing."""
-    try:
-        return float(x)
-    except (jax.errors.ConcretizationTypeError, TypeError):
-        return None
+# --- hyperparameter checks --------------------------------------------------------
+# One checker, validate_hparams, used wherever hyperparameters enter: pso()'s
+# overrides and schedules, init, step, tell, minimize(hparams=...). It reads
+# concrete values on the host (one device_get for all of them) and skips traced
+# ones: under jit the check happens where the hparams were built.
 
-
-_HPARAM_CHECKS = {
-    "cognitive": lambda v: v >= 0,
-    "social": lambda v: v >= 0,
-    "velocity_clamp": lambda v: v > 0,
-    "init_scale": lambda v: v >= 0,
-    "init_velocity": lambda v: v >= 0,
-    "stall_tol": lambda v: v >= 0,
-    "stall_patience": lambda v: v >= 1,
-    "restart_fraction": lambda v: 0 <= v <= 1,
-    "perturb_scale": lambda v: v >= 0,
+_MAX_COEFF = velocity_lib.MAX_COEFFICIENT
+_F32_MAX = float(np.finfo(np.float32).max)
+# name -> (lowest, highest) of a concrete value. The multipliers are bounded by
+# MAX_COEFFICIENT (velocity.py says why); init_scale and stall_tol are absolute
+# (parameter and fitness units) and need only be finite in float32.
+_HPARAM_RANGES = {
+    "inertia": (-_MAX_COEFF, _MAX_COEFF),
+    "cognitive": (0.0, _MAX_COEFF),
+    "social": (0.0, _MAX_COEFF),
+    "velocity_clamp": (0.0, _MAX_COEFF),  # > 0; inf disables the clamp
+    "init_scale": (0.0, _F32_MAX),
+    "init_velocity": (0.0, _MAX_COEFF),
+    "stall_tol": (0.0, _F32_MAX),
+    "stall_patience": (1, 2**31 - 1),  # an integer (int32)
+    "restart_fraction": (0.0, 1.0),
+    "perturb_scale": (0.0, _MAX_COEFF),
 }
+# Steps at which pso() evaluates a schedule on the host (it cannot check every
+# step): a schedule that leaves the valid range later is not caught.
+SCHEDULE_CHECK_STEPS = (0, 1, 10, 100, 1_000, 10_000, 100_000)
 
 
-def validate_hparams(hparams: PSOHyperParams, variant: str = "inertia") -> None:
-    """Check concrete hyperparameter values; traced ones are skipped.
+def _in_range(name: str, v: float) -> bool:
+    lo, hi = _HPARAM_RANGES[name]
+    if math.isnan(v):
+        return False
+    if name == "velocity_clamp":
+        return v == math.inf or lo < v <= hi
+    if name == "stall_patience" and v != math.floor(v):
+        return False
+    return lo <= v <= hi
+
+
+def _expected(name: str) -> str:
+    lo, hi = _HPARAM_RANGES[name]
+    if name == "velocity_clamp":
+        return f"0 < velocity_clamp <= {hi:g} (MAX_COEFFICIENT), or inf (no clamp)"
+    if name == "stall_patience":
+        return f"an integer, {lo} <= stall_patience <= {hi}"
+    bound = " (MAX_COEFFICIENT)" if hi == _MAX_COEFF else ""
+    return f"a finite number, {lo:g} <= {name} <= {hi:g}{bound}"
+
+
+def _fmt(name: str, v: float) -> str:
+    """A value as the user would write it: ``-1.0``, ``1e+30``, ``nan``, ``0``."""
+    if name == "stall_patience" and v.is_integer():
+        return str(int(v))
+    return repr(float(f"{v:.7g}"))
+
+
+def _concrete_values(hparams: PSOHyperParams, where: str) -> dict:
+    """``{name: float or None}`` (``None``: traced), checking types and shapes."""
+    leaves = {}
+    for name in _HPARAM_NAMES:
+        leaf = getattr(hparams, name)
+        dtype = getattr(leaf, "dtype", None)
+        numeric = (
+            isinstance(leaf, int | float | np.number)
+            if dtype is None
+            # the dtype.kind test first: is_real_dtype alone costs ~1 us a leaf
+            else getattr(dtype, "kind", "") in ("i", "u", "f") or is_real_dtype(dtype)
+        )
+        if isinstance(leaf, bool | np.bool_) or not numeric:
+            raise ValueError(
+                f"hparams.{name}={leaf!r}{where}: expected a real number (a "
+                "scalar array or a Python number)"
+            )
+        if np.ndim(leaf) != 0:
+            raise ValueError(
+                f"hparams.{name}{where} must be a scalar, got shape {np.shape(leaf)}"
+            )
+        leaves[name] = None if is_tracer(leaf) else leaf
+    # Start every device-to-host copy before waiting on any (one round trip on
+    # an accelerator); jax.device_get does the same at ~4x the host cost.
+    for leaf in leaves.values():
+        if isinstance(leaf, jax.Array):
+            leaf.copy_to_host_async()
+    return {k: None if v is None else float(np.asarray(v)) for k, v in leaves.items()}
+
+
+def _check_hparams(hparams, variant: str, where: str, warn: bool) -> None:
+    """:func:`validate_hparams` of one set of values; ``where`` ends the message."""
+    if not isinstance(hparams, PSOHyperParams):
+        raise ValueError(
+            f"hparams must be a PSOHyperParams (e.g. opt.default_hparams, or "
+            f"opt.default_hparams.replace(inertia=0.6)), got {type(hparams).__name__}"
+        )
+    vals = _concrete_values(hparams, where)
+    for name, v in vals.items():
+        if v is not None and not _in_range(name, v):
+            raise ValueError(
+                f"hparams.{name}={_fmt(name, v)}{where}: expected {_expected(name)}"
+            )
+    if variant == "constriction" and None not in (vals["cognitive"], vals["social"]):
+        phi = vals["cognitive"] + vals["social"]
+        if phi <= 4.0:
+            raise ValueError(
+                f"constriction needs cognitive + social > 4, got {phi:.4g}{where} "
+                "(Clerc & Kennedy's chi is complex otherwise); try 2.05 + 2.05"
+            )
+    if warn and None not in (vals["inertia"], vals["cognitive"], vals["social"]):
+        velocity_lib.warn_if_unstable(
+            variant, vals["inertia"], vals["cognitive"], vals["social"]
+        )
+
+
+def _check_schedules(hparams, variant: str, schedules, warn: bool) -> None:
+    """Each schedule's values at :data:`SCHEDULE_CHECK_STEPS`, checked.
+
+    ``warn``: warn about the stability region at step 0 (once).
+    """
+    for s in SCHEDULE_CHECK_STEPS if schedules else ():
+        step = jnp.asarray(s, jnp.int32)
+        # Concrete even if pso() is called while tracing.
+        with jax.ensure_compile_time_eval():
+            upd = {k: jnp.asarray(fn(step), _hparam_dtype(k)) for k, fn in schedules}
+        where = f" at step {s} (from its schedule)"
+        _check_hparams(hparams.replace(**upd), variant, where, warn and s == 0)
+
+
+def _hparam_dtype(name: str):
+    return jnp.int32 if name == "stall_patience" else jnp.float32
+
+
+def validate_hparams(
+    hparams: PSOHyperParams,
+    variant: str = "inertia",
+    *,
+    schedules: Any = (),
+    warn: bool = True,
+) -> None:
+    """Check hyperparameter values on the host; traced values are skipped.
+
+    The rule, for every concrete value (a traced one is only checked to be a
+    scalar):
+
+    - every value is finite (``velocity_clamp`` may be ``inf``: no clamp);
+    - ``cognitive``, ``social``, ``init_velocity``, ``perturb_scale``,
+      ``init_scale``, ``stall_tol`` are ``>= 0``; ``velocity_clamp > 0``;
+      ``stall_patience`` an integer ``>= 1``; ``0 <= restart_fraction <= 1``;
+    - the dimensionless multipliers (``inertia`` in magnitude, ``cognitive``,
+      ``social``, ``velocity_clamp``, ``init_velocity``, ``perturb_scale``) are
+      at most :data:`pso_jax.velocity.MAX_COEFFICIENT` (``1e6``): they scale
+      moves relative to the search scale, and a larger one overflows a float32
+      swarm within a few steps; ``init_scale`` and ``stall_tol`` (absolute)
+      are at most float32's max;
+    - ``constriction`` needs ``cognitive + social > 4``.
+
+    :func:`pso` checks its overrides (and each schedule at
+    :data:`SCHEDULE_CHECK_STEPS`), ``init``, ``step`` and ``tell`` check the
+    hyperparameters they are given when these are concrete (outside ``jit``, or
+    closed over), and :func:`pso_jax.minimize` before its loop. Under ``jit``
+    traced hyperparameters cannot be read, so call this where they are built.
+
+    Args:
+      hparams: a :class:`PSOHyperParams`.
+      variant: the variant they are for (one of :data:`VARIANTS`).
+      schedules: ``(name, schedule)`` pairs (or a dict): those fields are also
+        checked at the schedules' values at each of :data:`SCHEDULE_CHECK_STEPS`.
+      warn: warn outside the stability region (``step`` and ``tell`` do not).
 
     Raises:
-      ValueError: naming the field and value that is out of range.
+      ValueError: naming the field, the value (and for a schedule the step)
+        and the expected range.
 
     Warns:
       PSOConvergenceWarning: when ``(w, c1, c2)`` lie outside Poli's (2009)
@@ -244,31 +399,44 @@ def validate_hparams(hparams: PSOHyperParams, variant: str = "inertia") -> None:
     >>> validate_hparams(opt.default_hparams.replace(cognitive=jnp.float32(-1.0)))
     Traceback (most recent call last):
     ...
-    ValueError: hparams.cognitive=-1.0 is out of range
+    ValueError: hparams.cognitive=-1.0: expected a finite number, 0 <= cognitive <= 1e+06 (MAX_COEFFICIENT)
+    >>> validate_hparams(opt.default_hparams, schedules={"social": lambda s: 1 - s / 50})
+    Traceback (most recent call last):
+    ...
+    ValueError: hparams.social=-1.0 at step 100 (from its schedule): expected a finite number, 0 <= social <= 1e+06 (MAX_COEFFICIENT)
+    """  # noqa: E501
+    schedules = tuple(dict(schedules).items())
+    _check_hparams(hparams, variant, "", warn and not schedules)
+    _check_schedules(hparams, variant, schedules, warn)
+
+
+def _step_hparams(config: PSOConfig, hparams, warn: bool = False) -> PSOHyperParams:
+    """The hyperparameters of ``init``/``step``/``tell``, checked if concrete.
+
+    The optimizer's own defaults were checked by :func:`pso` (no work here). A
+    scheduled field is replaced by its schedule's value at the state's step, so
+    only the other fields of ``hparams`` are checked. ``warn``: also warn
+    outside the stability region (``init`` does; a step would warn every call).
     """
-    vals = {}
-    for name in _HPARAM_NAMES:
-        leaf = getattr(hparams, name)
-        if jnp.ndim(leaf) != 0:
-            raise ValueError(f"hparams.{name} must be a scalar, got shape {leaf.shape}")
-        vals[name] = _concrete_float(leaf)
-    for name, ok in _HPARAM_CHECKS.items():
-        v = vals[name]
-        if v is not None and not (ok(v) and not math.isnan(v)):
-            raise ValueError(f"hparams.{name}={v} is out of range")
-    if vals["inertia"] is not None and not math.isfinite(vals["inertia"]):
-        raise ValueError(f"hparams.inertia={vals['inertia']} must be finite")
-    if variant == "constriction" and None not in (vals["cognitive"], vals["social"]):
-        phi = vals["cognitive"] + vals["social"]
-        if phi <= 4.0:
-            raise ValueError(
-                f"constriction needs cognitive + social > 4, got {phi:.4g} "
-                "(Clerc & Kennedy's chi is complex otherwise); try 2.05 + 2.05"
-            )
-    if None not in (vals["inertia"], vals["cognitive"], vals["social"]):
-        velocity_lib.warn_if_unstable(
-            variant, vals["inertia"], vals["cognitive"], vals["social"]
+    if hparams is None or hparams is config.default_hparams:
+        return config.default_hparams
+    checked = hparams
+    if config.schedules and isinstance(hparams, PSOHyperParams):
+        default = config.default_hparams
+        checked = hparams.replace(
+            **{k: getattr(default, k) for k, _ in config.schedules}
         )
+    _check_hparams(checked, config.variant, "", warn=warn)
+    return hparams
+
+
+def check_step_hparams(config: PSOConfig, hparams) -> PSOHyperParams:
+    """What ``step``/``tell`` check: ``hparams`` (if concrete) for ``config``.
+
+    For wrappers that pass hyperparameters on to a traced step (e.g. a sharded
+    train step), so the values are checked on the host before tracing.
+    """
+    return _step_hparams(config, hparams)
 
 
 def _check_choice(name, value, choices):
@@ -336,7 +504,7 @@ def _resolve(config: PSOConfig, hparams: PSOHyperParams, step) -> PSOHyperParams
     if not config.schedules:
         return hparams
     upd = {
-        k: jnp.asarray(fn(step), getattr(hparams, k).dtype)
+        k: jnp.asarray(fn(step), jnp.result_type(getattr(hparams, k)))
         for k, fn in config.schedules
     }
     return hparams.replace(**upd)
@@ -404,11 +572,24 @@ def _velocity_scale(config, template_sw, positions, low, high):
     return jax.tree.map(spread, positions)
 
 
+def _own_copy(tree):
+    """``tree`` with every array leaf in a buffer of its own (``None`` kept)."""
+    return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
+
+
 def _split_template(config, params_template):
-    """``(swarmed, frozen, mask)`` of a checked template."""
+    """``(full, swarmed, frozen, mask)`` of a checked template.
+
+    Raises:
+      ValueError: naming the leaf, for a leaf that is not an array, or a
+        swarmed leaf that is not floating-point or has no element.
+    """
     if not jax.tree.leaves(params_template):
-        raise ValueError("params_template has no array leaves")
-    params_template = jax.tree.map(jnp.asarray, params_template)
+        raise ValueError(
+            f"params_template has no array leaves, got {params_template!r}: pass "
+            "one particle's parameters (e.g. jnp.zeros(3) or a Flax params dict)"
+        )
+    params_template = jax.tree.map(_template_leaf, params_template)
     mask_tree = resolve_mask(config.mask, params_template)
     template_sw, frozen = partition(params_template, mask_tree)
     for path, t in zip(
@@ -416,14 +597,31 @@ def _split_template(config, params_template):
     ):
         if not jnp.issubdtype(t.dtype, jnp.floating):
             raise ValueError(
-                f"swarmed leaf {path} has dtype {t.dtype}: only floating-point "
-                "leaves can be swarmed; mask it out or cast it"
+                f"params_template leaf {path} has dtype {t.dtype}: only "
+                "floating-point leaves can be swarmed; mask it out or cast it"
+            )
+        if t.size == 0:
+            raise ValueError(
+                f"params_template leaf {path} has shape {t.shape} (no element): "
+                "a swarmed leaf needs at least one coordinate; mask it out or "
+                "remove it"
             )
     if not isinstance(config.bound_handling, str):
         bounds_lib.check_handling(
             bounds_lib.handler_tree(config.bound_handling, template_sw)
         )
     return params_template, template_sw, frozen, mask_tree
+
+
+def _template_leaf(x):
+    """A template leaf as an array, or an error naming it."""
+    try:
+        return jnp.asarray(x)
+    except TypeError:
+        raise ValueError(
+            f"params_template has a leaf {x!r} of type {type(x).__name__}: "
+            "expected arrays or numbers"
+        ) from None
 
 
 def init(
@@ -439,15 +637,23 @@ def init(
       key: a ``jax.random.key``.
       params_template: one particle's parameters: shapes, dtypes, and the
         centre of the initial spread of unbounded leaves.
-      hparams: a :class:`PSOHyperParams`; defaults to the variant's.
+      hparams: a :class:`PSOHyperParams`; defaults to the variant's. Concrete
+        values are checked (:func:`validate_hparams`); traced ones, under
+        ``jit``, cannot be.
       config: the static configuration (bound by :func:`pso`).
 
     Returns:
       A :class:`PSOState`.
+
+    Raises:
+      ValueError: naming the argument and the value, for a key that is not one
+        PRNG key, out-of-range concrete ``hparams``, a template leaf that is
+        not an array, a swarmed leaf that is not floating-point or is empty, a
+        mask that is not a (prefix) tree of bools, or bounds that do not fit
+        the leaves (shape, order, finiteness in the leaf's dtype).
     """
-    if hparams is None:
-        hparams = config.default_hparams
-    validate_hparams(hparams, config.variant)
+    check_key(key)
+    hparams = _step_hparams(config, hparams, warn=True)
     hp = _resolve(config, hparams, jnp.zeros((), jnp.int32))
     full, template_sw, frozen, mask_tree = _split_template(config, params_template)
     low, high = bounds_lib.normalize(config.bounds, full, mask_tree)
@@ -472,9 +678,11 @@ def init(
         pbest_fitness=jnp.copy(fitness),
         best_params=config.axis.take_row(positions, 0),
         best_fitness=jnp.asarray(fitness_lib.worst(config.maximize), jnp.float32),
-        frozen_params=frozen,
-        low=low,
-        high=high,
+        # Copies, never the caller's arrays: a donated state must not delete
+        # the user's frozen parameters or bound arrays.
+        frozen_params=_own_copy(frozen),
+        low=_own_copy(low),
+        high=_own_copy(high),
         vscale=_velocity_scale(config, template_sw, positions, low, high),
         links=links,
         step=jnp.zeros((), jnp.int32),
@@ -495,8 +703,33 @@ def _draw_links(config: PSOConfig, key):
     )
 
 
+def _check_state(config: PSOConfig, state: Any, whole: bool = False) -> None:
+    """Raise unless ``state`` is a :class:`PSOState` of this swarm's size.
+
+    ``whole``: the whole swarm's state (a sharded optimizer's, outside
+    ``shard_map``), not this instance's rows.
+    """
+    if not isinstance(state, PSOState):
+        raise ValueError(
+            f"state must be a PSOState (from this optimizer's init), got "
+            f"{type(state).__name__}"
+        )
+    n = config.num_particles if whole else config.axis.local_size
+    where = "" if whole else config.axis.describe()
+    if jnp.shape(state.fitness) != (n,):
+        raise ValueError(
+            f"state has {jnp.shape(state.fitness)[:1]} particles (state.fitness "
+            f"shape {jnp.shape(state.fitness)}), this optimizer ({n},){where}: "
+            "was it made by another pso(...)?"
+        )
+
+
 def ask(state: PSOState, *, config: PSOConfig) -> PyTree:
-    """Full parameters of every particle, ``[P, ...]`` leaves."""
+    """Full parameters of every particle, ``[P, ...]`` leaves.
+
+    ``ask`` takes no hyperparameters: there is nothing to check but the state.
+    """
+    _check_state(config, state)
     n = config.axis.local_size
     frozen_b = jax.tree.map(
         lambda f: jnp.broadcast_to(f, (n,) + jnp.shape(f)), state.frozen_params
@@ -763,21 +996,40 @@ def tell(
       state: the current :class:`PSOState`.
       fitness: ``[P]`` float, the fitness of ``ask(state)`` (NaN/inf allowed:
         they count as the worst value).
-      hparams: a :class:`PSOHyperParams` (traced is fine).
+      hparams: a :class:`PSOHyperParams` (traced is fine). Concrete values
+        are checked on the host first (:func:`validate_hparams`); traced ones
+        cannot be, so under ``jit`` check them where they are built.
       config: the static configuration (bound by :func:`pso`).
 
     Returns:
       ``(new_state, StepInfo)``.
+
+    Raises:
+      ValueError: for a key that is not one PRNG key, a state of another swarm,
+        ``fitness`` of the wrong shape or dtype, or out-of-range concrete
+        ``hparams``, naming the argument and the value.
     """
-    axis, maximize = config.axis, config.maximize
-    if hparams is None:
-        hparams = config.default_hparams
+    check_key(key)
+    _check_state(config, state)
+    hparams = _step_hparams(config, hparams)
     fitness = jnp.asarray(fitness)
-    if fitness.shape != (axis.local_size,):
+    n = config.axis.local_size
+    if fitness.shape != (n,):
         raise ValueError(
-            f"fitness must have shape ({axis.local_size},){axis.describe()} (one "
+            f"fitness must have shape ({n},){config.axis.describe()} (one "
             f"scalar per particle), got {fitness.shape}"
         )
+    if not is_real_dtype(fitness.dtype):
+        raise ValueError(
+            f"fitness has dtype {fitness.dtype}: expected real numbers (float or "
+            "int), one per particle"
+        )
+    return _tell(key, state, fitness, hparams, config)
+
+
+def _tell(key, state, fitness, hparams, config):
+    """:func:`tell` on checked arguments."""
+    axis, maximize = config.axis, config.maximize
     hp = _resolve(config, hparams, state.step)
     key_move, key_links, key_remedy = jax.random.split(key, 3)
     f = fitness_lib.sanitize(fitness.astype(jnp.float32), maximize)
@@ -863,7 +1115,21 @@ def rescore(
         keep them (CSO stores no personal-best parameters to re-evaluate).
       best_fitness: ``()`` the swarm best's new fitness.
       config: the static configuration (bound by :func:`pso`).
+
+    Raises:
+      ValueError: for a state of another swarm or fitness of the wrong shape.
     """
+    _check_state(config, state)
+    n = config.axis.local_size
+    if pbest_fitness is not None and jnp.shape(pbest_fitness) != (n,):
+        raise ValueError(
+            f"pbest_fitness must have shape ({n},) (one per particle) or be None, "
+            f"got {jnp.shape(pbest_fitness)}"
+        )
+    if jnp.shape(best_fitness) != ():
+        raise ValueError(
+            f"best_fitness must be a scalar (shape ()), got {jnp.shape(best_fitness)}"
+        )
     maximize = config.maximize
     if pbest_fitness is not None:
         started = jnp.isfinite(state.pbest_fitness)
@@ -889,6 +1155,11 @@ def evaluate_swarm(fitness_fn, state: PSOState, batch: Any, *, config: PSOConfig
     ``fitness_fn(params, batch) -> ()`` for one particle, vmapped
     (:func:`pso_jax.fitness.swarm_fitness`); on a data axis, the mean over the
     batch's slices.
+
+    Raises:
+      ValueError: without a ``fitness_fn``, or if it does not return one real
+        scalar per particle (naming the shape or structure it returned). The
+        output's shape is static, so the check costs no device work.
     """
     if fitness_fn is None:
         raise ValueError(
@@ -898,11 +1169,7 @@ def evaluate_swarm(fitness_fn, state: PSOState, batch: Any, *, config: PSOConfig
     out = fitness_lib.swarm_fitness(
         fitness_fn, state.positions, state.frozen_params, batch
     )
-    if jnp.shape(out) != (config.axis.local_size,):
-        raise ValueError(
-            "fitness_fn must return a scalar for one particle; it returned shape "
-            f"{jnp.shape(out)[1:]} per particle"
-        )
+    fitness_lib.check_output(out, config.axis.local_size)
     return config.axis.data_mean(out)
 
 
@@ -912,13 +1179,19 @@ def build_step(config: PSOConfig, fitness_fn: Callable | None) -> Callable:
     Returns:
       ``step(key, state, batch=None, hparams=None) -> (PSOState, StepInfo)``:
       ``batch`` is passed to ``fitness_fn`` unchanged (shared by all particles);
-      ``hparams`` a :class:`PSOHyperParams` (traced is fine).
+      ``hparams`` a :class:`PSOHyperParams` (traced is fine). The key, state and
+      concrete ``hparams`` are checked on the host before anything is
+      evaluated, as by :func:`tell`; under ``jit`` traced hyperparameters are
+      not (check them where they are built, with :func:`validate_hparams`).
     """
 
     def step(key: PRNGKey, state: PSOState, batch: Any = None, hparams=None):
+        check_key(key)
+        _check_state(config, state)
+        hparams = _step_hparams(config, hparams)
         # fitness_fn is deterministic: the whole key moves the swarm.
         fitness = evaluate_swarm(fitness_fn, state, batch, config=config)
-        return tell(key, state, fitness, hparams, config=config)
+        return _tell(key, state, fitness, hparams, config)
 
     return step
 
@@ -928,12 +1201,7 @@ def _check_args(num_particles, hparams, fitness_fn, **settings):
     variant, rng = settings["variant"], settings["rng"]
     velocity_clamp, bounds = settings["velocity_clamp"], settings["bounds"]
     bound_handling, init_fn = settings["bound_handling"], settings["init_fn"]
-    if isinstance(num_particles, bool) or not isinstance(
-        num_particles, int | np.integer
-    ):
-        raise ValueError(f"num_particles must be an int, got {num_particles!r}")
-    if num_particles < 1:
-        raise ValueError(f"num_particles={num_particles}: must be >= 1")
+    check_int("num_particles", num_particles, minimum=1)
     _check_choice("variant", variant, VARIANTS)
     _check_choice("random_factors", settings["random_factors"], RANDOM_FACTORS)
     _check_choice("stagnation", settings["stagnation"], STAGNATION_REMEDIES)
@@ -959,22 +1227,28 @@ def _check_args(num_particles, hparams, fitness_fn, **settings):
         raise ValueError(f"fitness_fn must be callable, got {fitness_fn!r}")
     if init_fn is not None and not callable(init_fn):
         raise ValueError(f"init_fn must be callable, got {init_fn!r}")
+    if not isinstance(settings["maximize"], bool | np.bool_):
+        raise ValueError(f"maximize={settings['maximize']!r}: expected a bool")
 
 
 def _default_hparams(variant, hparams):
-    """``(PSOHyperParams, schedules)``: the variant's defaults with the overrides."""
-    schedules = {k: v for k, v in hparams.items() if callable(v)}
-    defaults = {**_COMMON_DEFAULTS, **_VARIANT_DEFAULTS[variant]}
-    for k, v in hparams.items():
-        defaults[k] = schedules[k](0) if k in schedules else v
+    """``(PSOHyperParams, schedules)``: the variant's defaults with the overrides.
+
+    The overrides are checked as given (``stall_patience=2.5`` is an error, not
+    2), and each schedule at :data:`SCHEDULE_CHECK_STEPS`.
+    """
+    schedules = tuple(sorted((k, v) for k, v in hparams.items() if callable(v)))
+    numbers = {k: v for k, v in hparams.items() if not callable(v)}
+    # Scheduled fields keep the variant's default here: their schedules are
+    # checked (and step 0 warned about) at SCHEDULE_CHECK_STEPS, named as such.
+    base = {**_COMMON_DEFAULTS, **_VARIANT_DEFAULTS[variant], **numbers}
+    validate_hparams(PSOHyperParams(**base), variant, schedules=schedules)
+    with jax.ensure_compile_time_eval():
+        at_0 = {k: fn(jnp.zeros((), jnp.int32)) for k, fn in schedules}
     default_hparams = PSOHyperParams(
-        **{
-            k: jnp.asarray(v, jnp.int32 if k == "stall_patience" else jnp.float32)
-            for k, v in defaults.items()
-        }
+        **{k: jnp.asarray(v, _hparam_dtype(k)) for k, v in {**base, **at_0}.items()}
     )
-    validate_hparams(default_hparams, variant)
-    return default_hparams, tuple(sorted(schedules.items()))
+    return default_hparams, schedules
 
 
 def _swarm_axis(num_particles, mesh, pad, rng):
@@ -1098,13 +1372,20 @@ def pso(
         ``pad`` such a count raises an error naming the valid counts.
       **hparams: overrides of :class:`PSOHyperParams` defaults: numbers, or
         schedules ``step -> value`` (e.g. ``optax.linear_schedule``) evaluated
-        each step from the state's step counter.
+        each step from the state's step counter. Numbers are checked by
+        :func:`validate_hparams` (finite, in range, multipliers at most
+        ``MAX_COEFFICIENT``); a schedule is evaluated on the host at each of
+        :data:`SCHEDULE_CHECK_STEPS` and must be valid there.
 
     Returns:
-      A :class:`~pso_jax.base.SwarmOptimizer`.
+      A :class:`~pso_jax.base.SwarmOptimizer`. Its ``init``, ``step`` and
+      ``tell`` check their key, state and concrete hyperparameters on the host
+      (traced hyperparameters, under ``jit``, cannot be read: check them where
+      you build them, with :func:`validate_hparams`).
 
     Raises:
-      ValueError: for an invalid argument, naming it, before any compilation.
+      ValueError: for an invalid argument, naming it and its value, before any
+        compilation.
 
     >>> import jax, jax.numpy as jnp
     >>> opt = pso(lambda x, _: jnp.sum(x**2), num_particles=16, bounds=(-5.0, 5.0))
@@ -1146,8 +1427,29 @@ def pso(
     )
     if mesh is None:
         return opt
-    check = functools.partial(validate_hparams, variant=variant)
-    return sharding_lib.shard_optimizer(opt, mesh, PSOState, check_hparams=check)
+    check = functools.partial(_step_hparams, config, warn=True)
+    sharded = sharding_lib.shard_optimizer(opt, mesh, PSOState, check_hparams=check)
+    # Inside shard_map every argument is traced: check on the host first.
+    return sharded._replace(
+        step=functools.partial(_sharded_step, sharded.step, config),
+        tell=functools.partial(_sharded_tell, sharded.tell, config),
+    )
+
+
+def _sharded_step(step_fn, config, key, state, batch=None, hparams=None):
+    """A sharded ``step`` with :func:`tell`'s host-side checks first."""
+    check_key(key)
+    _check_state(config, state, whole=True)
+    _step_hparams(config, hparams)
+    return step_fn(key, state, batch, hparams)
+
+
+def _sharded_tell(tell_fn, config, key, state, fitness, hparams=None):
+    """A sharded ``tell`` with :func:`tell`'s host-side checks first."""
+    check_key(key)
+    _check_state(config, state, whole=True)
+    _step_hparams(config, hparams)
+    return tell_fn(key, state, fitness, hparams)
 
 
 def swarm_mask(swarmed: PyTree) -> PyTree:

@@ -30,21 +30,36 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pso_jax.types import check_int
+
 TOPOLOGIES = ("global", "ring", "von_neumann", "random")
 
 
 def validate(topology: str, num_particles: int, ring_neighbors: int, informants: int):
-    """Raise a clear ``ValueError`` for an unknown or impossible topology."""
-    if topology not in TOPOLOGIES:
+    """Raise a clear ``ValueError`` for an unknown or impossible topology.
+
+    ``ring_neighbors`` and ``informants`` must be integers >= 1 whatever the
+    topology (a ``1.5`` is a mistake even where it is unused).
+
+    >>> validate("ring", 8, 1.5, 3)
+    Traceback (most recent call last):
+    ...
+    ValueError: ring_neighbors=1.5: expected an integer >= 1, got float
+    """
+    if not isinstance(topology, str) or topology not in TOPOLOGIES:
         raise ValueError(f"topology={topology!r}: expected one of {TOPOLOGIES}")
-    if topology == "ring" and not ring_neighbors >= 1:
-        raise ValueError(f"ring_neighbors={ring_neighbors}: must be >= 1")
-    if topology == "random" and not informants >= 1:
-        raise ValueError(f"num_informants={informants}: must be >= 1")
+    check_int("num_particles", num_particles, minimum=1)
+    check_int("ring_neighbors", ring_neighbors, minimum=1)
+    check_int("num_informants", informants, minimum=1)
 
 
 def grid_shape(num_particles: int) -> tuple[int, int]:
-    """The most square ``(rows, cols)`` with ``rows * cols == num_particles``."""
+    """The most square ``(rows, cols)`` with ``rows * cols == num_particles``.
+
+    >>> grid_shape(12)
+    (3, 4)
+    """
+    num_particles = check_int("num_particles", num_particles, minimum=1)
     rows = int(math.isqrt(num_particles))
     while num_particles % rows:
         rows -= 1

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import math
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -30,11 +31,35 @@ from flax import struct
 from jax.sharding import PartitionSpec as P
 
 from pso_jax import population, sharding
-from pso_jax.base import particle_field, substate_field
+from pso_jax.base import SwarmOptimizer, particle_field, substate_field
 from pso_jax.fitness import score, swarm_fitness
-from pso_jax.pso import PSOState, validate_hparams
+from pso_jax.pso import PSOState, check_step_hparams, pso, validate_hparams
 from pso_jax.tree_utils import combine, tree_where
 from pso_jax.types import PRNGKey, PyTree
+
+# The swarm coefficients of the gradient + swarm hybrid (what `pso-jax train
+# --config demo` uses): gentle pulls, so that the gradient steps do the descent
+# and the swarm selects and spreads; particles start within 1% of the template.
+HYBRID_DEFAULTS = {"inertia": 0.3, "cognitive": 0.3, "social": 0.3, "init_scale": 0.01}
+
+
+def hybrid_pso(num_particles: int, **kwargs: Any) -> SwarmOptimizer:
+    """The swarm for :func:`make_train_step`'s hybrid (``local_steps >= 1``).
+
+    :func:`pso_jax.pso` with :data:`HYBRID_DEFAULTS` (``inertia = cognitive =
+    social = 0.3``, ``init_scale=0.01``) instead of the textbook coefficients,
+    which are made for gradient-free search and scatter a trained network.
+    Any argument of :func:`pso_jax.pso` overrides them, e.g. ``mesh=``,
+    ``mask=``, ``social=0.5``. No fitness is needed: the train step brings its
+    own.
+
+    >>> opt = hybrid_pso(4)
+    >>> hp = opt.default_hparams
+    >>> round(float(hp.inertia), 6), round(float(hp.init_scale), 6)
+    (0.3, 0.01)
+    """
+    return pso(num_particles=num_particles, **{**HYBRID_DEFAULTS, **kwargs})
+
 
 FITNESS_FNS = ("cross_entropy", "error_rate", "macro_f1")
 BEST_REFRESH = ("reevaluate", "age", "none")
@@ -95,6 +120,9 @@ class TrainState:
         ``P`` axis), or ``None`` when ``local_steps == 0``.
       grad_hparams: ``{name: [P]}``, each particle's hyperparameters of those
         steps (``grad_hparams=`` of :func:`make_train_step`), or ``None``.
+      hparam_swarm: the PSO state of those hyperparameters
+        (:func:`pso_jax.population.init_hparam_swarm`) when the swarm moves
+        them (``hparam_move="pso"`` or ``"both"``), else ``None``.
       key_data: ``uint32`` key data of the run's base key (plain arrays, so
         checkpoints hold it); step ``i`` uses ``fold_in(key, swarm.step)``
         (:func:`step_key`).
@@ -104,6 +132,7 @@ class TrainState:
     opt_state: PyTree | None = particle_field()
     grad_hparams: dict[str, jax.Array] | None = particle_field()
     key_data: jax.Array = struct.field()
+    hparam_swarm: dict | None = particle_field(default=None)
 
 
 def step_key(state: TrainState) -> PRNGKey:
@@ -184,8 +213,10 @@ def _check_options(local_steps, best_refresh, age_rate) -> None:
         or local_steps < 0
     ):
         raise ValueError(f"local_steps={local_steps!r}: must be an int >= 0")
-    if age_rate < 0:
-        raise ValueError(f"age_rate={age_rate}: must be >= 0")
+    if not (isinstance(age_rate, int | float) and math.isfinite(age_rate)) or (
+        isinstance(age_rate, bool) or age_rate < 0
+    ):
+        raise ValueError(f"age_rate={age_rate!r}: must be a finite number >= 0")
 
 
 def _on_data_slices(fitness, grad_loss, axis):
@@ -262,12 +293,72 @@ def _transformation_fn(grad_optimizer, grad_hparams):
             f"returning an optax transformation, e.g. lambda {', '.join(grad_hparams)}"
             f": optax.adamw(...); got {grad_optimizer!r}"
         )
+    try:
+        inspect.signature(grad_optimizer).bind(**dict.fromkeys(grad_hparams))
+    except TypeError as e:
+        raise ValueError(
+            f"grad_hparams names {sorted(grad_hparams)}, but grad_optimizer "
+            f"{getattr(grad_optimizer, '__name__', grad_optimizer)!r} does not take "
+            f"them as keyword arguments ({e}); the default takes learning_rate "
+            "and weight_decay"
+        ) from None
+    except ValueError:  # a callable without a signature (a C function): try it
+        pass
     return lambda hp: grad_optimizer(**hp)
 
 
 def _adamw(learning_rate=1e-3, weight_decay=0.0):
     """The default per-particle transformation: ``optax.adamw``."""
     return optax.adamw(learning_rate, weight_decay=weight_decay)
+
+
+def check_batch(batch, video_key: str = "video", label_key: str = "label") -> None:
+    """Raise a ``ValueError``/``TypeError`` naming what is wrong with a batch.
+
+    Checks what is known while tracing (keys, dtypes, shapes), so it runs under
+    ``jit`` too: a dict with ``video_key`` ``[B, ...]`` and integer
+    ``label_key`` ``[B]`` arrays, and ``select_`` entries in pairs.
+    """
+    if not isinstance(batch, Mapping):
+        raise TypeError(
+            f"batch: expected a dict with {video_key!r} and {label_key!r} arrays, "
+            f"got {type(batch).__name__}"
+        )
+    for prefix in ("", "select_"):
+        v, lab = f"{prefix}{video_key}", f"{prefix}{label_key}"
+        if prefix and v not in batch and lab not in batch:
+            continue
+        missing = [k for k in (v, lab) if k not in batch]
+        if missing:
+            raise ValueError(
+                f"batch has no {missing[0]!r} (keys: {sorted(batch)}); pass "
+                "video_key=/label_key= to make_train_step for other names"
+            )
+        video, labels = batch[v], batch[lab]
+        if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
+            raise TypeError(
+                f"batch[{lab!r}] has dtype {jnp.result_type(labels)}: class labels "
+                "must be integers (e.g. labels.astype(jnp.int32))"
+            )
+        vs, ls = jnp.shape(video), jnp.shape(labels)
+        if len(ls) != 1 or not vs or vs[0] != ls[0]:
+            raise ValueError(
+                f"batch[{lab!r}] has shape {ls} and batch[{v!r}] {vs}: expected "
+                "labels [B] for video [B, ...]"
+            )
+
+
+def _check_labels(labels, num_classes: int, where: str) -> None:
+    """On the host: every label in ``[0, num_classes)`` (not under a trace)."""
+    if isinstance(labels, jax.core.Tracer):
+        return
+    arr = jnp.asarray(labels)
+    if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= num_classes):
+        raise ValueError(
+            f"{where}: labels span {int(arr.min())}..{int(arr.max())}, outside "
+            f"0..{num_classes - 1} for num_classes={num_classes} (the model's "
+            "output size); a label out of range gives a NaN fitness"
+        )
 
 
 def _selection_batch(batch, video_key, label_key):
@@ -332,6 +423,7 @@ def make_train_step(
     exploit_every: int = 0,
     exploit_fraction: float = 0.25,
     explore_factors: tuple[float, ...] = (0.8, 1.25),
+    hparam_move: str = "exploit",
 ) -> Trainer:
     """Build the fused swarm train step for a classifier.
 
@@ -383,6 +475,11 @@ def make_train_step(
         one of as many best ones, the hyperparameters multiplied by one of
         ``explore_factors`` (PBT's truncation selection); 0: never.
       exploit_fraction, explore_factors: see ``exploit_every``.
+      hparam_move: what happens every ``exploit_every`` steps: ``"exploit"``
+        (PBT, above); ``"pso"``: the swarm moves each particle's
+        hyperparameters by PSO on their logarithms towards its own best and
+        the swarm's best (:func:`pso_jax.population.move_hparams`), every
+        particle keeping its weights; ``"both"``: the exploit, then that move.
 
     Returns:
       A :class:`Trainer`. Sharded, its ``init``, ``step`` and ``scan`` take and
@@ -396,17 +493,13 @@ def make_train_step(
     """
     fitness_fn, maximize = _fitness_and_direction(fitness, optimizer)
     _check_options(local_steps, best_refresh, age_rate)
-    _check_population(grad_hparams, exploit_every, exploit_fraction, explore_factors)
-    grad_hparams = dict(grad_hparams or {})
-    tx_fn = _transformation_fn(grad_optimizer, grad_hparams)
     mesh = getattr(optimizer, "mesh", None)
     swarm_opt = optimizer if mesh is None else optimizer.local
     axis = swarm_opt.config.axis
-    if exploit_every and int(exploit_fraction * axis.num_real) < 1:
-        raise ValueError(
-            f"exploit_fraction={exploit_fraction} of {axis.num_real} particles "
-            "clones none: raise it, or use more particles"
-        )
+    _check_population(grad_hparams, exploit_every, exploit_fraction, explore_factors)
+    _check_hparam_move(hparam_move, grad_hparams, exploit_every, exploit_fraction, axis)
+    grad_hparams = dict(grad_hparams or {})
+    tx_fn = _transformation_fn(grad_optimizer, grad_hparams)
     fitness_fn, grad_loss = _on_data_slices(fitness_fn, grad_loss, axis)
 
     def apply_here(params, video):
@@ -429,6 +522,8 @@ def make_train_step(
         best_refresh=best_refresh,
         age_rate=age_rate,
         exploit=(exploit_every, exploit_fraction, tuple(explore_factors)),
+        hparam_move=hparam_move,
+        hparam_ranges=tuple(sorted(grad_hparams.items())),
         keys=(video_key, label_key),
     )
 
@@ -441,11 +536,15 @@ def make_train_step(
             opt_state = jax.vmap(lambda p, h: tx_fn(h).init(p))(
                 swarm.positions, hp or {}
             )
+        hswarm = None
+        if hparam_move != "exploit":
+            hswarm = population.init_hparam_swarm(hp)
         return TrainState(
             swarm=swarm,
             opt_state=opt_state,
             grad_hparams=hp,
             key_data=jax.random.key_data(key),
+            hparam_swarm=hswarm,
         )
 
     step = functools.partial(_train_step, parts)
@@ -464,6 +563,8 @@ class _StepParts:
     best_refresh: str
     age_rate: float
     exploit: tuple[int, float, tuple[float, ...]]  # every, fraction, factors
+    hparam_move: str  # "exploit", "pso" or "both"
+    hparam_ranges: tuple  # ((name, (low, high)), ...) of grad_hparams
     keys: tuple[str, str]  # video, label
 
 
@@ -474,6 +575,7 @@ def _train_step(parts: _StepParts, key, state: TrainState, batch: dict, hparams=
         hparams = swarm_opt.default_hparams
     if key is None:
         key = step_key(state)
+    check_batch(batch, *parts.keys)
     swarm = state.swarm
     key_tell = key
     if parts.batch_fn is not None:
@@ -507,15 +609,7 @@ def _train_step(parts: _StepParts, key, state: TrainState, batch: dict, hparams=
     if every:
         state, replaced = jax.lax.cond(
             swarm.step % every == 0,
-            lambda: _exploit(
-                jax.random.fold_in(key, 1),
-                axis,
-                state,
-                info,
-                parts.maximize,
-                fraction,
-                factors,
-            ),
+            lambda: _population_step(parts, key, state, info),
             lambda: (state, replaced),
         )
     labels = fit_batch[parts.keys[1]]
@@ -523,6 +617,58 @@ def _train_step(parts: _StepParts, key, state: TrainState, batch: dict, hparams=
         axis, parts.maximize, info, logits, labels, grad_losses, state.swarm, replaced
     )
     return state, metrics
+
+
+def _population_step(parts: _StepParts, key, state: TrainState, info):
+    """Every ``exploit_every`` steps: PBT's exploit and/or the hyperparameter move.
+
+    Returns ``(state, replaced [n])``.
+    """
+    axis = parts.swarm_opt.config.axis
+    _, fraction, factors = parts.exploit
+    replaced = axis.own_rows() < 0
+    if parts.hparam_move != "pso":
+        state, replaced = _exploit(
+            jax.random.fold_in(key, 1),
+            axis,
+            state,
+            info,
+            parts.maximize,
+            fraction,
+            factors,
+        )
+    if parts.hparam_move != "exploit":
+        hswarm = population.reset_hparam_swarm(
+            state.hparam_swarm, state.grad_hparams, replaced
+        )
+        hp, hswarm = population.move_hparams(
+            jax.random.fold_in(key, 2),
+            axis,
+            score(info.fitness, parts.maximize),
+            state.grad_hparams,
+            hswarm,
+            dict(parts.hparam_ranges),
+        )
+        state = state.replace(grad_hparams=hp, hparam_swarm=hswarm)
+    return state, replaced
+
+
+HPARAM_MOVES = ("exploit", "pso", "both")
+
+
+def _check_hparam_move(hparam_move, grad_hparams, every, fraction, axis) -> None:
+    if hparam_move not in HPARAM_MOVES:
+        raise ValueError(f"hparam_move={hparam_move!r}: choose from {HPARAM_MOVES}")
+    if every and hparam_move != "pso" and int(fraction * axis.num_real) < 1:
+        raise ValueError(
+            f"exploit_fraction={fraction} of {axis.num_real} particles "
+            "clones none: raise it, or use more particles"
+        )
+    if hparam_move != "exploit" and not (grad_hparams and every):
+        raise ValueError(
+            f"hparam_move={hparam_move!r} moves per-particle hyperparameters every "
+            "exploit_every steps: give grad_hparams= and exploit_every >= 1"
+        )
 
 
 def _check_population(grad_hparams, exploit_every, exploit_fraction, factors):
@@ -594,9 +740,14 @@ def _trainer(apply_fn, optimizer, mesh, init, step, maximize) -> Trainer:
         default = optimizer.default_hparams
         check = functools.partial(validate_hparams, variant=optimizer.config.variant)
         init = sharding.shard_init(init, mesh, prefix, default, check)
-        step = sharding.shard_step(
+        sharded_step = sharding.shard_step(
             step, mesh, prefix, P(), default, optimizer.config.axis.data_axis
         )
+
+        def step(key, state, batch, hparams=None):
+            # Checked on the host (if concrete) before shard_map traces them.
+            check_step_hparams(optimizer.local.config, hparams)
+            return sharded_step(key, state, batch, hparams)
 
     def scan(state: TrainState, batches: dict, hparams: Any = None):
         # Still one computation under jit when sharded, and the carry keeps its
@@ -699,9 +850,27 @@ def evaluate(
     best = jax.tree.map(lambda b: b[None], swarm.best_params)
     ens, _ = top_particles(swarm, k, trainer.maximize)
 
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int):
+        raise TypeError(f"num_classes={num_classes!r}: expected an int >= 2")
+    if num_classes < 2:
+        raise ValueError(f"num_classes={num_classes!r}: expected an int >= 2")
     cm_b = jnp.zeros((num_classes, num_classes), jnp.int32)
     cm_e = cm_b
-    for batch in batches:
+    for i, batch in enumerate(batches):
+        check_batch(batch, video_key, label_key)
+        _check_labels(batch[label_key], num_classes, f"evaluate: batch {i}")
+        if i == 0:
+            out = jax.eval_shape(
+                trainer.evaluate_logits,
+                best,
+                swarm.frozen_params,
+                jnp.asarray(batch[video_key]),
+            )
+            if out.shape[-1] != num_classes:
+                raise ValueError(
+                    f"evaluate: the model gives {out.shape[-1]} logits per clip, "
+                    f"num_classes={num_classes}"
+                )
         b, e = _confusions(
             trainer.evaluate_logits,
             num_classes,

@@ -56,11 +56,15 @@ def combine(swarmed: PyTree, frozen: PyTree) -> PyTree:
 def leaf_paths(tree: PyTree) -> list[str]:
     """``jax.tree_util.keystr`` of every leaf's path, in ``jax.tree.leaves`` order.
 
+    A tree that is a single leaf has the path ``"<root>"`` (for error messages).
+
     >>> leaf_paths({"a": 1, "b": [2, 3]})
     ["['a']", "['b'][0]", "['b'][1]"]
+    >>> leaf_paths(1.0)
+    ['<root>']
     """
     return [
-        jax.tree_util.keystr(p)
+        jax.tree_util.keystr(p) or "<root>"
         for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]
     ]
 
@@ -140,32 +144,56 @@ def tree_size(tree: PyTree) -> int:
 def resolve_mask(mask: PyTree | Callable[[PyTree], PyTree] | None, tree: PyTree):
     """Turn ``None`` / a callable / a bool tree into a bool tree matching ``tree``.
 
-    Raises:
-      ValueError: if the mask's structure does not match ``tree`` or a leaf is not
-        a Python bool.
+    The mask may be a *prefix* of ``tree``: a bool where ``tree`` has a whole
+    subtree applies to every leaf under it, so ``{"backbone": False, "head":
+    True}`` selects the head of nested params, and a single ``True`` everything.
+    Leaves are Python (or numpy) bools, one per parameter leaf or subtree: the
+    mask decides which leaves are stored per particle, so it is static.
 
-    >>> params = {"body": 1.0, "head": 2.0}
+    Raises:
+      ValueError: if the mask is not a prefix of ``tree``'s structure, a leaf is
+        not a bool (naming its path and value), or it selects no leaf.
+
+    >>> params = {"body": {"w": 1.0, "b": 0.0}, "head": 2.0}
     >>> resolve_mask(None, params)
-    {'body': True, 'head': True}
-    >>> resolve_mask(lambda p: {"body": False, "head": True}, params)
-    {'body': False, 'head': True}
+    {'body': {'b': True, 'w': True}, 'head': True}
+    >>> resolve_mask({"body": False, "head": True}, params)  # a prefix
+    {'body': {'b': False, 'w': False}, 'head': True}
+    >>> resolve_mask(lambda p: {"body": {"w": True, "b": False}, "head": False}, params)
+    {'body': {'b': False, 'w': True}, 'head': False}
     """
     if mask is None:
         return jax.tree.map(lambda _: True, tree)
     if callable(mask):
         mask = mask(tree)
-    tree_def = jax.tree.structure(tree)
-    mask_def = jax.tree.structure(mask)
-    if tree_def != mask_def:
-        raise ValueError(
-            f"mask structure {mask_def} does not match the parameters' {tree_def}"
+    for path, m in jax.tree_util.tree_flatten_with_path(mask)[0]:
+        if not isinstance(m, bool | np.bool_):
+            raise ValueError(
+                f"mask leaf {jax.tree_util.keystr(path) or '<root>'} must be a "
+                f"bool (one per parameter leaf or subtree), got {m!r}"
+            )
+    try:
+        full = jax.tree.map(
+            lambda m, sub: jax.tree.map(lambda _: bool(m), sub), mask, tree
         )
-    for m in jax.tree.leaves(mask):
-        if not isinstance(m, bool):
-            raise ValueError(f"mask leaves must be Python bools, got {m!r}")
-    if not any(jax.tree.leaves(mask)):
+    except (ValueError, TypeError) as e:
+        raise ValueError(
+            f"mask structure {jax.tree.structure(mask)} is not a prefix of the "
+            f"parameters' {jax.tree.structure(tree)}{_mismatch_at(e)}: give one "
+            "bool per leaf, or per subtree"
+        ) from None
+    if not any(jax.tree.leaves(full)):
         raise ValueError("mask selects no leaf: the swarm would have nothing to move")
-    return mask
+    return full
+
+
+def _mismatch_at(error: Exception) -> str:
+    """`` (they differ at ['b'])`` from a ``jax.tree.map`` structure error."""
+    lines = str(error).splitlines()
+    if len(lines) > 1 and lines[1].strip().startswith("tree_map tree"):
+        where = lines[1].strip().removeprefix("tree_map tree") or "the root"
+        return f" (they differ at {where})"
+    return ""
 
 
 def path_names(path: tuple[Any, ...]) -> list[str]:

@@ -32,6 +32,15 @@ import jax.numpy as jnp
 
 from pso_jax import bounds as bounds_lib
 
+# The largest magnitude a dimensionless coefficient (w, c1, c2, and the
+# multipliers velocity_clamp, init_velocity, perturb_scale) may have. They scale
+# a move relative to the search scale (a leaf's bound range, initial spread or
+# init_scale): one above 1e6 moves a particle more than a million search widths
+# in one step, and since (1e6)^7 > 3.4e38 (float32's max) even a unit-scale
+# swarm overflows within a few steps. No such swarm can give a finite result,
+# so these values are rejected rather than warned about.
+MAX_COEFFICIENT = 1e6
+
 
 class PSOConvergenceWarning(UserWarning):
     """(w, c1, c2) lie outside the order-2 stability region (Poli, 2009)."""

@@ -436,15 +436,18 @@ def check_train(out: dict) -> None:
     # (name, make_train_step kwargs, (particle devices, data devices) meshes)
     hybrid = dict(local_steps=1, grad_optimizer=optax.sgd(0.1), fitness="macro_f1")
     pbt = dict(
-        local_steps=1, grad_hparams={"learning_rate": (1e-3, 1e-1)}, exploit_every=1
+        local_steps=1,
+        grad_hparams={"learning_rate": (1e-3, 1e-1)},
+        exploit_every=1,
+        hparam_move="both",  # the exploit, then PSO on the log learning rates
     )
     cases = [
         ("pure", {}, [(n, 1) for n in DEVICE_COUNTS] + [(4, 2)]),
         # Gradient steps (their loss a mean over the data axis) and macro-F1
         # (from confusion matrices summed over it).
         ("hybrid-macro_f1", hybrid, [(4, 2)]),
-        # Per-particle learning rates and PBT's exploit every step: the clones'
-        # sources sit on other shards.
+        # Per-particle learning rates, PBT's exploit and the hyperparameter
+        # move every step: the clones' sources and the best sit on other shards.
         ("pbt", pbt, [(4, 1)]),
     ]
     for name, kw, meshes in cases:
@@ -520,8 +523,16 @@ def _compare_metrics(a: list[dict], b: list[dict]) -> dict:
     """
     same_steps = [r["step"] for r in a] == [r["step"] for r in b]
     pairs = list(zip(a, b, strict=False))
+    # Non-finite values are written as null and listed under "non_finite"
+    # (strict JSON): those must agree exactly, the numbers to max_abs_diff.
+    skip = ("diversity", "non_finite")
     diff = max(
-        (abs(x[k] - y[k]) for x, y in pairs for k in x if k != "diversity"),
+        (
+            abs(x[k] - y[k]) if x[k] is not None and y[k] is not None else 0.0
+            for x, y in pairs
+            for k in x
+            if k not in skip
+        ),
         default=0.0,
     )
     div = [(x["diversity"], y["diversity"]) for x, y in pairs if "diversity" in x]

@@ -80,9 +80,10 @@ def test_cli_train_then_evaluate(data_dir, tmp_path):
     again = json.loads((workdir / "evaluation.json").read_text())
     assert again["test_accuracy"] == summary["test_accuracy"]
     assert again["ensemble_test_accuracy"] == summary["ensemble_test_accuracy"]
-    # A second run into the same workdir without --resume refuses to touch it.
+    # A second run into the same workdir without --resume refuses to touch it
+    # (exit 4: the work directory does not fit the command).
     before = sorted(p.name for p in (workdir / "checkpoints").iterdir())
-    assert cli.main([*argv, "--workdir", str(workdir), "--no-progress"]) == 2
+    assert cli.main([*argv, "--workdir", str(workdir), "--no-progress"]) == 4
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == before
 
 
@@ -242,7 +243,7 @@ def test_bad_configs_name_the_value(override, match):
 
 def test_cli_train_bad_flag_value_exits_2(capsys):
     assert cli.main(["train", "--config", "smoke", "--local-steps", "-1"]) == 2
-    assert "local_steps=-1" in capsys.readouterr().err
+    assert "--local-steps -1: must be an int >= 0" in capsys.readouterr().err
 
 
 def test_config_json_round_trip_keeps_tuples(tmp_path):

@@ -139,7 +139,9 @@ def test_minimize_invalid_arguments(kwargs, match):
 
 
 def test_minimize_rejects_non_scalar_fitness_before_compiling():
-    with pytest.raises(ValueError, match=r"scalar for one particle, got \(3,\)"):
+    with pytest.raises(
+        ValueError, match=r"scalar for one particle; it returned shape \(3,\)"
+    ):
         pso_jax.minimize(lambda x: x * 2, jnp.zeros(3), key=jax.random.key(0))
     with pytest.raises(ValueError, match="need num_dims"):
         pso_jax.minimize(objectives.sphere, (-1.0, 1.0), key=jax.random.key(0))

@@ -149,3 +149,83 @@ def test_an_exploit_that_would_clone_nobody_is_an_error(data):
             grad_optimizer=optax.sgd(0.1),
             grad_hparams={"learning_rate": (1e-3, 1e-2)},
         )
+
+
+def test_move_hparams_moves_towards_the_best_in_log_space():
+    axis = LocalAxis(4)
+    hp = {"lr": jnp.array([1e-4, 1e-3, 1e-2, 1e-1])}
+    score = jnp.array([3.0, 0.5, 2.0, jnp.inf])  # particle 1 best; 3 diverged
+    hs = population.init_hparam_swarm(hp)
+    # Social term only (w = c1 = 0): u + r2 (u_best - u), r2 in [0, 1).
+    new, hs2 = population.move_hparams(
+        jax.random.key(0), axis, score, hp, hs, {"lr": (1e-4, 1e-1)}, (0.0, 0.0, 1.0)
+    )
+    u, u_new = np.log(np.asarray(hp["lr"])), np.log(np.asarray(new["lr"]))
+    best = np.log(1e-3)
+    assert u_new[1] == pytest.approx(best)  # the best stays
+    for i in (0, 2, 3):  # the others move part of the way to the best
+        lo, hi = sorted((u[i], best))
+        assert lo - 1e-6 <= u_new[i] <= hi + 1e-6 and u_new[i] != pytest.approx(u[i])
+    # Velocities are clamped to half the range's log width (ln 1000 / 2).
+    assert np.all(np.abs(np.asarray(hs2["velocity"]["lr"])) <= np.log(1e3) / 2 + 1e-6)
+    # Personal bests: the finite scores improved on +inf; the diverged did not.
+    np.testing.assert_array_equal(hs2["pbest_score"], [3.0, 0.5, 2.0, np.inf])
+    np.testing.assert_array_equal(hs2["pbest"]["lr"][:3], hp["lr"][:3])
+    # Momentum alone (w = 1, c = 0) carries a velocity on, within the reach.
+    hs3 = {**hs, "velocity": {"lr": jnp.full((4,), 10.0)}}
+    far, _ = population.move_hparams(
+        jax.random.key(1), axis, score, hp, hs3, {"lr": (1e-4, 1e-1)}, (1.0, 0, 0)
+    )
+    # clamped step ln(1000)/2, then the bound: 100x the range's top.
+    np.testing.assert_allclose(
+        np.asarray(far["lr"]),
+        np.minimum(np.asarray(hp["lr"]) * np.sqrt(1e3), 1e-1 * population.HPARAM_REACH),
+        rtol=1e-5,
+    )
+
+
+@pytest.mark.parametrize("move", ["pso", "both"])
+def test_hparam_move_in_the_train_step(data, move):
+    batch, template = data
+    opt = pso_jax.pso(num_particles=8, inertia=0.0, cognitive=0.0, social=0.0)
+    tr = train.make_train_step(
+        apply_fn,
+        opt,
+        local_steps=1,
+        exploit_every=2,
+        grad_hparams={"learning_rate": (1e-3, 1e-1)},
+        hparam_move=move,
+    )
+    st = tr.init(jax.random.key(0), template)
+    step = jax.jit(tr.step)
+    st1, m1 = step(None, st, batch)
+    np.testing.assert_array_equal(
+        st1.grad_hparams["learning_rate"], st.grad_hparams["learning_rate"]
+    )  # step 1: nothing moves
+    st2, m2 = step(None, st1, batch)
+    lr1 = np.asarray(st1.grad_hparams["learning_rate"])
+    lr2 = np.asarray(st2.grad_hparams["learning_rate"])
+    assert int(m2.num_exploited) == (2 if move == "both" else 0)
+    assert np.sum(lr1 != lr2) >= 6  # all but the best (and maybe a clone) move
+    assert np.all(np.isfinite(lr2)) and np.all(lr2 > 0)
+    if move == "pso":  # nobody's weights were replaced by another's
+        w2 = np.asarray(st2.swarm.positions["w"])
+        assert len({w2[i].tobytes() for i in range(8)}) == 8
+    # jit == no jit
+    st2n, _ = tr.step(None, st1, batch)
+    np.testing.assert_allclose(st2n.grad_hparams["learning_rate"], lr2, rtol=1e-6)
+
+
+def test_hparam_move_needs_hparams_and_an_interval(data):
+    opt = pso_jax.pso(num_particles=4)
+    with pytest.raises(ValueError, match=r"hparam_move='sgd': choose from"):
+        train.make_train_step(apply_fn, opt, local_steps=1, hparam_move="sgd")
+    with pytest.raises(ValueError, match=r"hparam_move='pso' moves per-particle"):
+        train.make_train_step(apply_fn, opt, local_steps=1, hparam_move="pso")
+
+
+def test_diversity_of_huge_weights_does_not_overflow():
+    axis = LocalAxis(2)
+    c = jnp.array([3e30, 4e30])  # |c|^2 overflows float32
+    got = population.diversity(axis, {"x": jnp.stack([c, 2 * c])}, {"x": c})
+    assert float(got) == pytest.approx(np.sqrt(0.5), rel=1e-5)

@@ -358,7 +358,7 @@ def test_stagnation_remedy_replaces_worst_particles(remedy, key):
     [
         (dict(num_particles=0), "num_particles=0"),
         (dict(num_particles=-3), "num_particles=-3"),
-        (dict(num_particles=2.5), "num_particles must be an int"),
+        (dict(num_particles=2.5), "num_particles=2.5"),
         (dict(num_particles=4, variant="foo"), "variant='foo'"),
         (dict(num_particles=4, topology="star"), "topology='star'"),
         (dict(num_particles=4, cognitive=-1.0), "cognitive=-1.0"),

@@ -241,3 +241,107 @@ def test_macro_f1_fitness_is_maximised(setup):
 def test_invalid_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         train.make_train_step(apply_fn, _opt(), **kwargs)
+
+
+def _tiny_trainer():
+    import pso_jax
+
+    def apply_fn(params, video):
+        return video.reshape(video.shape[0], -1) @ params["w"]
+
+    opt = pso_jax.hybrid_pso(4)
+    tr = train.make_train_step(apply_fn, opt, local_steps=1)
+    template = {"w": jnp.zeros((2 * 3, 3))}
+    return tr, tr.init(jax.random.key(0), template)
+
+
+_VIDEO = jnp.ones((4, 2, 3))
+_LABELS = jnp.array([0, 1, 2, 0], jnp.int32)
+
+
+@pytest.mark.parametrize(
+    "batch, exc, match",
+    [
+        ((_VIDEO, _LABELS), TypeError, r"batch: expected a dict with 'video'"),
+        ({"video": _VIDEO}, ValueError, r"batch has no 'label'"),
+        (
+            {"video": _VIDEO, "label": _LABELS.astype(jnp.float32)},
+            TypeError,
+            r"batch\['label'\] has dtype float32: class labels must be integers",
+        ),
+        (
+            {"video": _VIDEO, "label": _LABELS[:3]},
+            ValueError,
+            r"batch\['label'\] has shape \(3,\) and batch\['video'\] \(4, 2, 3\)",
+        ),
+        (
+            {"video": _VIDEO, "label": _LABELS, "select_video": _VIDEO},
+            ValueError,
+            r"batch has no 'select_label'",
+        ),
+    ],
+)
+def test_bad_batches_are_named_under_jit_too(batch, exc, match):
+    tr, st = _tiny_trainer()
+    with pytest.raises(exc, match=match):
+        tr.step(None, st, batch)
+    with pytest.raises(exc, match=match):
+        jax.jit(tr.step)(None, st, batch)
+
+
+def test_evaluate_refuses_labels_and_classes_that_disagree():
+    tr, st = _tiny_trainer()
+    ok = {"video": _VIDEO, "label": _LABELS}
+    best, _ = train.evaluate(tr, st, [ok], num_classes=3)
+    assert sum(map(sum, best.confusion)) == 4  # every clip counted
+    with pytest.raises(ValueError, match=r"labels span 0\.\.7, outside 0\.\.2"):
+        train.evaluate(tr, st, [{**ok, "label": _LABELS.at[1].set(7)}], num_classes=3)
+    with pytest.raises(ValueError, match=r"gives 3 logits per clip, num_classes=5"):
+        train.evaluate(tr, st, [ok], num_classes=5)
+    with pytest.raises(ValueError, match=r"num_classes=1: expected an int >= 2"):
+        train.evaluate(tr, st, [ok], num_classes=1)
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_train_step_checks_concrete_hparams(sharded):
+    import pso_jax
+    from pso_jax import sharding
+
+    def apply_fn(params, video):
+        return video.reshape(video.shape[0], -1) @ params["w"]
+
+    mesh = sharding.make_mesh(1) if sharded else None
+    opt = pso_jax.hybrid_pso(4, mesh=mesh)
+    tr = train.make_train_step(apply_fn, opt, local_steps=1)
+    st = tr.init(jax.random.key(0), {"w": jnp.zeros((6, 3))})
+    batch = {"video": _VIDEO, "label": _LABELS}
+    bad = opt.default_hparams.replace(inertia=jnp.float32(jnp.nan))
+    with pytest.raises(ValueError, match=r"inertia=nan"):
+        tr.step(None, st, batch, bad)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (
+            dict(local_steps=1, grad_hparams={"lr": (1e-3, 1e-2)}),
+            r"grad_hparams names \['lr'\], but grad_optimizer '_adamw' does not",
+        ),
+        (
+            dict(
+                local_steps=1,
+                grad_hparams={"learning_rate": (1e-3, 1e-2)},
+                grad_optimizer=lambda lr: optax.sgd(lr),
+            ),
+            r"grad_hparams names \['learning_rate'\], but grad_optimizer",
+        ),
+        (dict(best_refresh="age", age_rate=float("nan")), r"age_rate=nan: must be"),
+        (dict(best_refresh="age", age_rate=-0.1), r"age_rate=-0.1: must be"),
+    ],
+)
+def test_make_train_step_names_bad_options(kwargs, match):
+    def apply_fn(params, video):
+        return video.reshape(video.shape[0], -1) @ params["w"]
+
+    with pytest.raises(ValueError, match=match):
+        train.make_train_step(apply_fn, pso_jax.hybrid_pso(4), **kwargs)

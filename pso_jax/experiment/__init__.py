@@ -27,25 +27,40 @@ directory must be shared), everything else by process 0 only.
 
 Work directory::
 
-    config.json        the run's TrainConfig (a resume must match it)
+    config.json        the run's TrainConfig (a resume must match it, but for
+                       RESUME_MAY_CHANGE's fields, written back)
     metrics.jsonl      one record per step (and per validation)
     checkpoints/<s>/   orbax checkpoints of the full TrainState
     summary.json       test metrics, timings, throughput (atomic)
     elite/             with validation: the best model it saw (kept on resume)
     convergence.png    best / mean fitness and validation accuracy vs step
     confusion.png      the best particle's test confusion matrix
+    evaluation.json, evaluation_confusion.png   pso-jax evaluate's
+    pso-jax.lock       while a command writes there: its pid, host and command
+
+Damage and concurrency: one process writes into a work directory at a time
+(:func:`lock_workdir`; a second fails at once naming the holder); every JSON
+file is strict JSON (a non-finite number is ``null``, listed in a
+``"non_finite"`` field); a torn last line of ``metrics.jsonl`` (an interrupted
+write) is skipped with a note, other damage is a :class:`RunFileError` naming
+the file and line or field; the config is checked against the data and the
+model (:class:`DataError`) before anything compiles; a SIGTERM/SIGINT before
+the run has a state raises :class:`Interrupted` with nothing written, after it
+checkpoints at the end of the block of steps it arrives in (blocks of at most
+about 2 s, one compiled step; a second signal: :class:`SecondInterrupt`).
 
 Modules (split as in the flax examples and scenic: configs, input pipeline,
 the run, the loop, metrics, reports):
 
 - :mod:`~pso_jax.experiment.config`: :class:`TrainConfig`, :data:`CONFIGS`,
-  :func:`get_config`, :func:`validate_config`, :class:`Parallelism`.
+  :func:`get_config`, :func:`validate_config`, :func:`read_config`,
+  :class:`Parallelism`, :class:`ConfigError`, :class:`RunFileError`.
 - :mod:`~pso_jax.experiment.input_pipeline`: data sources, train and
   evaluation batches, on-device augmentation.
 - :mod:`~pso_jax.experiment.run`: the model, swarm and jitted train step a run
   builds from its config; restoring a checkpoint into its layout.
 - :mod:`~pso_jax.experiment.loop`: :func:`train` and :func:`evaluate_workdir`
-  (resumes, checkpoints, signals).
+  (resumes, checkpoints, signals), :func:`lock_workdir`.
 - :mod:`~pso_jax.experiment.metrics`: ``metrics.jsonl`` records, evaluations,
   the summary's test metrics.
 - :mod:`~pso_jax.experiment.selection`: what the run returns: the elite
@@ -59,22 +74,45 @@ the run, the loop, metrics, reports):
 
 from pso_jax.experiment.config import (
     CONFIGS,
+    RESUME_MAY_CHANGE,
+    ConfigError,
     Parallelism,
+    RunFileError,
     TrainConfig,
     get_config,
+    read_config,
     validate_config,
 )
+from pso_jax.experiment.input_pipeline import DataError
 from pso_jax.experiment.input_pipeline import _source as _source
-from pso_jax.experiment.loop import evaluate_workdir, train
+from pso_jax.experiment.loop import (
+    LOCK_FILE,
+    Interrupted,
+    SecondInterrupt,
+    WorkdirLockedError,
+    evaluate_workdir,
+    lock_workdir,
+    train,
+)
 from pso_jax.experiment.run import _restore as _restore
 from pso_jax.experiment.run import _Run as _Run
 
 __all__ = [
     "CONFIGS",
+    "LOCK_FILE",
+    "ConfigError",
+    "DataError",
+    "Interrupted",
     "Parallelism",
+    "RESUME_MAY_CHANGE",
+    "RunFileError",
+    "SecondInterrupt",
     "TrainConfig",
+    "WorkdirLockedError",
     "evaluate_workdir",
     "get_config",
+    "lock_workdir",
+    "read_config",
     "train",
     "validate_config",
 ]

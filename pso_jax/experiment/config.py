@@ -3,6 +3,11 @@
 - :class:`TrainConfig`: every field that defines a run's result (stored as
   ``config.json``; a resume must match it), :data:`CONFIGS` (the named presets),
   :func:`get_config` (a preset with overrides) and :func:`validate_config`.
+- :func:`read_config`: a run's ``config.json`` read back, every problem (missing,
+  not JSON, an unknown or missing field, a bad value) one :class:`RunFileError`
+  naming the file and the field.
+- :class:`ConfigError` (a bad field: its name, value and what is expected) and
+  :class:`RunFileError` (a work directory's file that is missing or damaged).
 - :class:`Parallelism`: the device layout (devices, a ``"data"`` axis, padding),
   which is not part of a run's result and so not of ``config.json``; and
   ``_check_layout``, which rejects a layout before any data or compilation.
@@ -11,8 +16,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -26,11 +33,58 @@ from pso_jax.train import BEST_REFRESH, FITNESS_FNS
 
 __all__ = [
     "CONFIGS",
+    "RESUME_MAY_CHANGE",
+    "ConfigError",
     "Parallelism",
+    "RunFileError",
     "TrainConfig",
     "get_config",
+    "read_config",
     "validate_config",
 ]
+
+
+# Fields a resumed run may change (``pso-jax train --resume --steps 600``):
+# they decide where the data lies, how long and how the loop runs, not what a
+# step computes. A
+# changed ``steps`` keeps the learning-rate schedule's span
+# (``schedule_steps``), so every step computes what it would have computed.
+RESUME_MAY_CHANGE = (
+    "data_dir",  # the same data, moved
+    "steps",
+    "time_budget",
+    "eval_every",
+    "checkpoint_every",
+    "steps_per_call",
+)
+
+# Fields added after config.json files were written: a file without one reads
+# it as its default, which rebuilds the same run.
+_LATER_FIELDS = {"schedule_steps": None, "hparam_move": "exploit"}
+
+
+class ConfigError(ValueError):
+    """A configuration field with a bad value.
+
+    Attributes:
+      field: the field's name (a :class:`TrainConfig` field), or ``None``.
+      value: its value.
+      expected: what is expected, in words.
+
+    >>> str(ConfigError("particles", 0, "must be an int >= 1"))
+    'particles=0: must be an int >= 1'
+    """
+
+    def __init__(self, field: str | None, value: Any, expected: str):
+        message = expected if field is None else f"{field}={value!r}: {expected}"
+        super().__init__(message)
+        self.field, self.value, self.expected = field, value, expected
+
+
+class RunFileError(ValueError):
+    """A work directory's file (``config.json``, ``metrics.jsonl``, ...) that is
+    missing, damaged or does not fit the command; the message names the file
+    (and the line or field)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +110,13 @@ class TrainConfig:
       local_steps: gradient steps per particle per swarm step (0: pure PSO).
       learning_rate: Adam's (peak) learning rate for those steps.
       lr_schedule: ``"cosine"`` (optax's cosine decay to 5 % over the run's
-        ``steps * local_steps`` gradient steps) or ``"constant"``.
+        ``schedule_steps * local_steps`` gradient steps, then at that floor)
+        or ``"constant"``.
+      schedule_steps: the swarm steps the cosine schedule spans (``None``:
+        ``steps``). A run extended on resume (``pso-jax train --resume
+        --steps``) keeps its original span here, so the steps already run
+        and the ones after keep the schedule they had (at its 5 % floor after
+        the original end); see :data:`RESUME_MAY_CHANGE`.
       weight_decay: AdamW's decoupled weight decay (0: plain Adam).
       lr_range, wd_range: ``(low, high)``: every particle draws its own (peak)
         learning rate / weight decay log-uniformly over the range (Population
@@ -66,6 +126,10 @@ class TrainConfig:
       exploit_every: every this many steps the worst ``exploit_fraction`` of
         the particles clone good ones, hyperparameters perturbed (PBT); 0: never.
       exploit_fraction: see ``exploit_every`` (in ``(0, 0.5]``).
+      hparam_move: what moves the per-particle hyperparameters every
+        ``exploit_every`` steps: ``"exploit"`` (PBT's clone and perturb),
+        ``"pso"`` (PSO on their logarithms, weights kept) or ``"both"``
+        (:func:`pso_jax.train.make_train_step`).
       select_on: the batch the swarm's fitness is measured on: ``"batch"`` (the
         one the gradient steps just fitted) or ``"next"`` (the next training
         batch, which they have not seen: selection on held-out data).
@@ -114,11 +178,13 @@ class TrainConfig:
     local_steps: int = 1
     learning_rate: float = 3e-3
     lr_schedule: str = "cosine"
+    schedule_steps: int | None = None
     weight_decay: float = 0.0
     lr_range: tuple[float, float] | None = None
     wd_range: tuple[float, float] | None = None
     exploit_every: int = 0
     exploit_fraction: float = 0.25
+    hparam_move: str = "exploit"
     select_on: str = "batch"
     time_budget: float | None = None
     batch_size: int = 32
@@ -234,15 +300,77 @@ def get_config(name: str = "demo", **overrides: Any) -> TrainConfig:
 
 
 def validate_config(cfg: TrainConfig) -> None:
-    """Raise a ValueError naming the first bad field of ``cfg``."""
+    """Raise a :class:`ConfigError` naming the first bad field of ``cfg``.
 
-    def positive(name):
-        value = getattr(cfg, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}={value!r}: must be an int >= 1")
+    Every field is checked for its type and range, numbers also for being
+    finite (``inf`` and ``nan`` are refused), names against their choices;
+    nothing is read or compiled. What needs the data (the class count, the clip
+    shape against the model, the batch size against the split) is checked by
+    :func:`pso_jax.experiment.train` before compiling.
+    """
+    _validate_sizes(cfg)
+    _validate_choices(cfg)
+    _validate_numbers(cfg)
+    _validate_population(cfg)
+    _validate_paths(cfg)
 
+
+def _check_int(
+    cfg: TrainConfig,
+    name: str,
+    low: int,
+    *,
+    high: int | None = None,
+    optional: bool = False,
+) -> None:
+    """Raise unless ``cfg.<name>`` is an int in ``[low, high]`` (or ``None``)."""
+    value = getattr(cfg, name)
+    if optional and value is None:
+        return
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= low
+    if ok and high is not None:
+        ok = value <= high
+    if not ok:
+        expected = f"an int >= {low}" if high is None else f"an int in [{low}, {high}]"
+        raise ConfigError(name, value, f"must be {expected}")
+
+
+def _check_number(
+    cfg: TrainConfig,
+    name: str,
+    *,
+    low: float | None = None,
+    above: bool = False,
+    optional: bool = False,
+) -> None:
+    """Raise unless ``cfg.<name>`` is a finite number ``>= low`` (``> low``)."""
+    value = getattr(cfg, name)
+    if optional and value is None:
+        return
+    ok = (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+    )
+    if ok and low is not None:
+        ok = value > low if above else value >= low
+    if not ok:
+        bound = "" if low is None else f" {'>' if above else '>='} {low:g}"
+        raise ConfigError(name, value, f"must be a finite number{bound}")
+
+
+def _validate_sizes(cfg: TrainConfig) -> None:
+    """Counts, sizes and the seed."""
     for name in ("width", "particles", "steps", "batch_size", "steps_per_call"):
-        positive(name)
+        _check_int(cfg, name, 1)
+    _check_int(cfg, "top_k", 1)
+    for name in ("local_steps", "eval_every", "checkpoint_every"):
+        _check_int(cfg, name, 0)
+    _check_int(cfg, "num_frames", 1, optional=True)
+    _check_int(cfg, "schedule_steps", 1, optional=True)
+    _check_int(cfg, "num_classes", 2, optional=True)
+    # grain's shuffle takes seeds in [0, 2**32).
+    _check_int(cfg, "seed", 0, high=2**32 - 1)
     patch = cfg.patch
     if (
         not isinstance(patch, tuple)
@@ -250,11 +378,11 @@ def validate_config(cfg: TrainConfig) -> None:
         or not all(isinstance(p, int) and not isinstance(p, bool) for p in patch)
         or min(patch) < 1
     ):
-        raise ValueError(f"patch={patch!r}: must be three ints >= 1 (pt, ph, pw)")
-    for name in ("local_steps", "eval_every", "checkpoint_every"):
-        value = getattr(cfg, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name}={value!r}: must be an int >= 0")
+        raise ConfigError("patch", patch, "must be three ints >= 1 (pt, ph, pw)")
+
+
+def _validate_choices(cfg: TrainConfig) -> None:
+    """Names chosen from a list, and the dataset's."""
     for name, allowed in (
         ("model", tuple(MODELS)),
         ("stem", STEMS),
@@ -265,51 +393,141 @@ def validate_config(cfg: TrainConfig) -> None:
         ("swarm_over", ("all", "head")),
         ("lr_schedule", ("cosine", "constant")),
     ):
-        if getattr(cfg, name) not in allowed:
-            raise ValueError(f"{name}={getattr(cfg, name)!r}: choose from {allowed}")
+        value = getattr(cfg, name)
+        if not isinstance(value, str) or value not in allowed:
+            raise ConfigError(name, value, f"choose from {allowed}")
     if cfg.topology is not None and cfg.topology not in TOPOLOGIES:
-        raise ValueError(f"topology={cfg.topology!r}: choose from {TOPOLOGIES}")
-    if not (cfg.learning_rate > 0 and math.isfinite(cfg.learning_rate)):
-        raise ValueError(f"learning_rate={cfg.learning_rate!r}: must be > 0")
-    _validate_population(cfg)
-    if cfg.top_k < 1:
-        raise ValueError(f"top_k={cfg.top_k!r}: must be >= 1")
+        raise ConfigError("topology", cfg.topology, f"choose from {TOPOLOGIES}")
+    for name in ("dataset", "dataset_config"):
+        value = getattr(cfg, name)
+        if not isinstance(value, str) or not value:
+            raise ConfigError(name, value, "must be a non-empty string")
+    if not isinstance(cfg.augment, bool):
+        raise ConfigError("augment", cfg.augment, "must be true or false")
+
+
+def _validate_numbers(cfg: TrainConfig) -> None:
+    """The learning rate and the PSO coefficients: finite, in range."""
+    _check_number(cfg, "learning_rate", low=0.0, above=True)
+    _check_number(cfg, "inertia", optional=True)  # w; its stability: pso()'s warning
+    _check_number(cfg, "cognitive", low=0.0, optional=True)  # c1
+    _check_number(cfg, "social", low=0.0, optional=True)  # c2
+    _check_number(cfg, "init_scale", low=0.0)
+
+
+def _validate_paths(cfg: TrainConfig) -> None:
+    """The data directory and the pretrained parameters."""
+    for name in ("data_dir", "pretrained"):
+        value = getattr(cfg, name)
+        if value is not None and (not isinstance(value, str) or not value):
+            raise ConfigError(name, value, "must be a path (a non-empty string)")
     if cfg.swarm_over == "head" and cfg.pretrained is None:
-        raise ValueError(
-            "swarm_over='head' needs pretrained= (the backbone's saved params)"
+        raise ConfigError(
+            "swarm_over", "head", "needs pretrained= (the backbone's saved params)"
         )
     if cfg.pretrained is not None and not os.path.isdir(cfg.pretrained):
-        raise ValueError(f"pretrained={cfg.pretrained!r}: no such directory")
+        raise ConfigError("pretrained", cfg.pretrained, "no such directory")
 
 
 def _validate_population(cfg: TrainConfig) -> None:
     """The per-particle hyperparameter, exploit, selection and budget fields."""
-    if not (cfg.weight_decay >= 0 and math.isfinite(cfg.weight_decay)):
-        raise ValueError(f"weight_decay={cfg.weight_decay!r}: must be >= 0")
+    _check_number(cfg, "weight_decay", low=0.0)
     ranges = {"lr_range": cfg.lr_range, "wd_range": cfg.wd_range}
     for name, rng in ranges.items():
         if rng is None:
             continue
         try:
             check_ranges({name: rng})
-        except ValueError:
-            raise ValueError(
-                f"{name}={rng!r}: expected two numbers 0 < low <= high"
+        except (TypeError, ValueError):
+            raise ConfigError(
+                name, rng, "expected two finite numbers 0 < low <= high"
             ) from None
-    value = cfg.exploit_every
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"exploit_every={value!r}: must be an int >= 0")
+    _check_int(cfg, "exploit_every", 0)
+    _check_number(cfg, "exploit_fraction")
     if not 0 < cfg.exploit_fraction <= 0.5:
-        raise ValueError(
-            f"exploit_fraction={cfg.exploit_fraction!r}: must be in (0, 0.5]"
+        raise ConfigError(
+            "exploit_fraction", cfg.exploit_fraction, "must be in (0, 0.5]"
         )
     if cfg.exploit_every and cfg.particles < 2:
-        raise ValueError("exploit_every needs particles >= 2 (clones need a source)")
+        raise ConfigError(
+            "exploit_every",
+            cfg.exploit_every,
+            "needs particles >= 2 (clones need a source)",
+        )
+    if cfg.hparam_move not in ("exploit", "pso", "both"):
+        raise ValueError(
+            f"hparam_move={cfg.hparam_move!r}: choose from ('exploit', 'pso', 'both')"
+        )
+    if cfg.hparam_move != "exploit" and not (
+        cfg.exploit_every and (cfg.lr_range or cfg.wd_range)
+    ):
+        raise ValueError(
+            f"hparam_move={cfg.hparam_move!r} needs per-particle hyperparameters "
+            "(lr_range or wd_range) and exploit_every >= 1"
+        )
     if cfg.select_on not in ("batch", "next"):
-        raise ValueError(f"select_on={cfg.select_on!r}: choose from ('batch', 'next')")
-    budget = cfg.time_budget
-    if budget is not None and not (budget > 0 and math.isfinite(budget)):
-        raise ValueError(f"time_budget={budget!r}: must be > 0 seconds")
+        raise ConfigError("select_on", cfg.select_on, "choose from ('batch', 'next')")
+    _check_number(cfg, "time_budget", low=0.0, above=True, optional=True)  # seconds
+
+
+def read_config(path: str | os.PathLike) -> TrainConfig:
+    """Read a run's ``config.json`` back as a :class:`TrainConfig`.
+
+    Raises:
+      RunFileError: one line naming the file and what is wrong: missing, not
+        JSON (cut short), not an object, an unknown field (written by another
+        version?), a missing field (a field silently taking its default could
+        rebuild another run), or a field with a bad value.
+    """
+    path = Path(path)
+    stored = _load_json(path)
+    if not isinstance(stored, dict):
+        raise RunFileError(
+            f"{path}: expected a JSON object of TrainConfig fields, got "
+            f"{type(stored).__name__}"
+        )
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    unknown = [k for k in stored if k not in names]
+    if unknown:
+        raise RunFileError(
+            f"{path}: unknown field{'s' * (len(unknown) > 1)} "
+            f"{', '.join(map(repr, unknown))} (not TrainConfig fields: written by "
+            "another version of pso_jax, or edited?)"
+        )
+    stored = {**{k: v for k, v in _LATER_FIELDS.items() if k not in stored}, **stored}
+    missing = [k for k in names if k not in stored]
+    if missing:
+        raise RunFileError(
+            f"{path}: missing field{'s' * (len(missing) > 1)} "
+            f"{', '.join(map(repr, missing))} (written by another version of "
+            "pso_jax, or edited?)"
+        )
+    cfg = TrainConfig(**stored)
+    try:
+        validate_config(cfg)
+    except ValueError as e:
+        raise RunFileError(f"{path}: field {e}") from None
+    return cfg
+
+
+def _load_json(path: Path) -> Any:
+    """``path``'s JSON; a :class:`RunFileError` naming the file if it has none."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise RunFileError(
+            f"{path}: not found (is {path.parent} a run's work directory?)"
+        ) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise RunFileError(f"{path}: cannot be read as text ({e})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        what = "empty" if not text.strip() else "not valid JSON"
+        raise RunFileError(
+            f"{path}: {what} (line {e.lineno} column {e.colno}: {e.msg}); the "
+            "file is damaged, e.g. cut short by a full disk"
+        ) from None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,6 +9,11 @@
   ``"data"`` mesh axis; ``_to_float``: uint8 clips to float32 on the device.
 - ``_num_classes``, ``_clip_shape``, ``_label_names``: what the model and the
   reports read from the data.
+- ``_check_data``: the config against the data, on the host before anything
+  compiles (the class count, the clip shape against the model, the batch size
+  against the split; ``moving_shapes`` from its config, before it is
+  generated); ``_check_labels``: every batch's labels against the class count.
+  Both raise :class:`DataError`.
 
 :mod:`pso_jax.data` is imported inside the functions that use it, not at the
 top: it imports ``tensorflow_datasets`` (about 0.5 s), which ``pso-jax --help``
@@ -17,7 +22,9 @@ and ``pso-jax minimize`` (whose parser imports this package) should not pay.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import os
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,18 +32,65 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from pso_jax import sharding
-from pso_jax.experiment.config import TrainConfig
+from pso_jax.experiment.config import ConfigError, TrainConfig
+
+
+class DataError(ValueError):
+    """The dataset and the run's config disagree, or the dataset cannot be read.
+
+    Attributes:
+      field: the config field to change (``None`` if none), as in
+        :class:`~pso_jax.experiment.config.ConfigError`.
+      value: its value.
+      expected: what is wrong and what is expected, in words.
+    """
+
+    def __init__(self, field: str | None, value: Any, expected: str):
+        message = expected if field is None else f"{field}={value!r}: {expected}"
+        super().__init__(message)
+        self.field, self.value, self.expected = field, value, expected
 
 
 def _source(cfg: TrainConfig, split: str):
-    """The ``split`` of the run's dataset (``moving_shapes`` prepared if needed)."""
+    """The ``split`` of the run's dataset (``moving_shapes`` prepared if needed).
+
+    Raises:
+      DataError: a TFDS dataset that is not prepared, or needs TensorFlow.
+    """
     from pso_jax.data import load_moving_shapes, load_real  # slow: see the top
+    from pso_jax.data.real import DatasetNotPreparedError, MissingTensorFlowError
 
     if cfg.dataset == "moving_shapes":
         return load_moving_shapes(
             cfg.dataset_config, split=split, data_dir=cfg.data_dir
         )
-    return load_real(cfg.dataset, split=split, data_dir=cfg.data_dir)
+    try:
+        return load_real(cfg.dataset, split=split, data_dir=cfg.data_dir)
+    except DatasetNotPreparedError as e:
+        raise DataError(None, None, _not_prepared(cfg, str(e))) from None
+    except MissingTensorFlowError as e:
+        raise DataError(None, None, f"--dataset {cfg.dataset}: {e}") from None
+
+
+def _not_prepared(cfg: TrainConfig, text: str) -> str:
+    """A not-prepared dataset's error in the command line's words (its flags,
+    the files to place and where), one line; ``text``: the library's."""
+    if "source files are not in manual_dir" not in text:
+        return f"--dataset {cfg.dataset}: {' '.join(text.split())}"
+    # The library lists the missing source files one per indented line.
+    missing = [
+        line.strip()
+        for line in text.splitlines()
+        if line.startswith("    ") and not line.strip().startswith(("*", "load_"))
+    ]
+    root = os.path.expanduser(cfg.data_dir or "~/tensorflow_datasets")
+    files = ", ".join(missing) or "its source archives"
+    return (
+        f"--dataset {cfg.dataset}: not prepared in {root} (--data-dir) and not "
+        f"downloaded (offline): place {files} in {root}/downloads/manual/ and run "
+        f"again, or pass --dataset with the folder of a copy prepared elsewhere "
+        f"({root}/{cfg.dataset}/<config>/<version>, array_record format)"
+    )
 
 
 def _first_source(cfg: TrainConfig, split: str):
@@ -60,9 +114,11 @@ def _num_classes(cfg: TrainConfig, source) -> int:
     try:
         return int(info.features["label"].num_classes)
     except (AttributeError, KeyError, TypeError) as e:
-        raise ValueError(
+        raise DataError(
+            "num_classes",
+            None,
             f"cannot read the number of classes of {cfg.dataset!r}; pass "
-            "num_classes (--num-classes)"
+            "num_classes (--num-classes)",
         ) from e
 
 
@@ -76,13 +132,176 @@ def _label_names(cfg: TrainConfig):
 
 
 def _clip_shape(cfg: TrainConfig, source) -> tuple[int, ...]:
-    """The model's input clip shape ``[T, H, W, C]``."""
-    video = np.asarray(source[0]["video"])
-    if video.ndim == 3:
-        video = video[..., None]
+    """The model's input clip shape ``[T, H, W, C]``.
+
+    ``T`` is ``num_frames`` when set: the pipeline cuts that many frames (and
+    repeats the last frame of shorter clips).
+    """
+    shape = np.shape(source[0]["video"])
+    if len(shape) == 3:
+        shape = (*shape, 1)
     if cfg.num_frames is not None:
-        video = video[: cfg.num_frames]
-    return tuple(video.shape)
+        shape = (cfg.num_frames, *shape[1:])
+    return tuple(int(n) for n in shape)
+
+
+class _DataFacts(NamedTuple):
+    """What a dataset says about itself (for :func:`_check_data`).
+
+    Attributes:
+      name: for messages, e.g. ``"moving_shapes/small"``.
+      num_classes: its class count, or ``None`` if it does not say.
+      clip_shape: ``(T, H, W, C)``, ``None`` where clips differ.
+      train_size: clips in the train split.
+    """
+
+    name: str
+    num_classes: int | None
+    clip_shape: tuple[int | None, ...]
+    train_size: int
+
+
+def _data_facts(cfg: TrainConfig, source=None) -> _DataFacts | None:
+    """The dataset's facts: ``moving_shapes``' from its config (without generating
+    it), another dataset's from its train ``source`` (``None`` without it)."""
+    if cfg.dataset == "moving_shapes":
+        from pso_jax.data import NUM_CLASSES, moving_shapes  # slow: see the top
+
+        try:
+            ms = moving_shapes.get_config(cfg.dataset_config)
+        except ValueError:
+            raise ConfigError(
+                "dataset_config",
+                cfg.dataset_config,
+                f"choose from {tuple(sorted(moving_shapes.CONFIGS))} (moving_shapes)",
+            ) from None
+        name = f"moving_shapes/{ms.name}"
+        return _DataFacts(name, NUM_CLASSES, ms.shape, ms.split_size("train"))
+    if source is None:
+        return None
+    info = getattr(source, "dataset_info", None)
+    num_classes = getattr(_feature(info, "label"), "num_classes", None)
+    shape = getattr(_feature(info, "video"), "shape", None)
+    if shape is None or len(shape) not in (3, 4):
+        shape = np.shape(source[0]["video"])
+    if len(shape) == 3:
+        shape = (*shape, 1)
+    return _DataFacts(cfg.dataset, num_classes, tuple(shape), len(source))
+
+
+def _feature(info, name: str):
+    """``info.features[name]`` of a TFDS ``DatasetInfo``, or ``None``."""
+    try:
+        return info.features[name]
+    except (AttributeError, KeyError, TypeError):
+        return None
+
+
+def _check_data(cfg: TrainConfig, source=None) -> None:
+    """Raise a :class:`DataError` where the config and the dataset disagree.
+
+    On the host, before anything compiles: the class count (a model with fewer
+    outputs than the dataset's labels scores every particle ``inf``), the batch
+    size against the train split, the clip length (fixed, or cut by
+    ``num_frames``), and the clip shape against the model (a tubelet that does
+    not divide the clip, or pools that would leave a layer an empty input and
+    the logits ``nan``: traced abstractly, nothing runs). ``moving_shapes`` is
+    checked from its config, so without ``source``; another dataset needs its
+    train ``source`` (without it nothing is checked).
+    """
+    facts = _data_facts(cfg, source)
+    if facts is None:
+        return
+    n = facts.num_classes
+    if cfg.num_classes is not None and n is not None and cfg.num_classes != n:
+        raise DataError(
+            "num_classes",
+            cfg.num_classes,
+            f"{facts.name} has {n} classes (labels 0..{n - 1}); omit num_classes "
+            f"(--num-classes) to take the dataset's, or pass {n}",
+        )
+    if cfg.batch_size > facts.train_size:
+        raise DataError(
+            "batch_size",
+            cfg.batch_size,
+            f"larger than the train split of {facts.name} ({facts.train_size} "
+            f"clips); choose a batch size of at most {facts.train_size}",
+        )
+    t, h, w, c = facts.clip_shape
+    if t is None and cfg.num_frames is None:
+        raise DataError(
+            "num_frames",
+            None,
+            f"the clips of {facts.name} differ in length: pass num_frames "
+            "(--num-frames) to cut windows of a fixed length",
+        )
+    if None in (h, w, c):
+        raise DataError(
+            None,
+            None,
+            f"the frames of {facts.name} differ in size ({facts.clip_shape}); "
+            "resize them to one size when preparing the dataset",
+        )
+    clip = (cfg.num_frames or t, h, w, c)
+    _check_model_input(cfg, clip, cfg.num_classes or n or 2)
+
+
+def _check_model_input(cfg: TrainConfig, clip: tuple[int, ...], num_classes: int):
+    """Trace the model on one clip abstractly; raise where it does not fit."""
+    from pso_jax.models import make_model
+
+    model = make_model(
+        cfg.model, num_classes, width=cfg.width, stem=cfg.stem, patch=cfg.patch
+    )
+    dims = "x".join(map(str, clip[:3]))
+    where = f"clips of {dims} (T x H x W"
+    where += f", num_frames={cfg.num_frames})" if cfg.num_frames else ")"
+
+    def init(x):
+        return model.init_with_output(jax.random.key(0), x, capture_intermediates=True)
+
+    try:
+        out = jax.eval_shape(init, jax.ShapeDtypeStruct((1, *clip), jnp.float32))
+    except ValueError as e:
+        raise DataError(
+            "patch", cfg.patch, f"{cfg.model} does not fit {where}: {e}"
+        ) from None
+    shapes = jax.tree_util.tree_leaves_with_path(out[1].get("intermediates", {}))
+    for path, leaf in shapes:
+        if 0 in leaf.shape:
+            layer = "/".join(
+                str(getattr(k, "key", k)) for k in path[:-2]
+            )  # drop the ('__call__', 0) of the capture
+            raise DataError(
+                "patch",
+                cfg.patch,
+                f"on {where} the {cfg.model}'s pools leave layer {layer!r} an "
+                f"empty output {tuple(leaf.shape)} (its logits would be nan): "
+                "use a smaller patch, longer clips or larger frames",
+            )
+
+
+def _check_labels(labels, num_classes: int, where: str) -> None:
+    """Raise a :class:`DataError` unless every label is in ``[0, num_classes)``."""
+    labels = np.asarray(labels)
+    if labels.size == 0:
+        return
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= num_classes:
+        bad = low if low < 0 else high
+        raise DataError(
+            "num_classes",
+            num_classes,
+            f"{where} has label {bad}, outside [0, {num_classes}): pass the "
+            "dataset's class count (or omit num_classes / --num-classes)",
+        )
+
+
+def _checked_batches(batches: Iterable[dict], num_classes: int, split: str):
+    """``batches``, each checked by :func:`_check_labels` as it is read."""
+    for i, batch in enumerate(batches):
+        _check_labels(batch["label"], num_classes, f"batch {i} of the {split} split")
+        yield batch
 
 
 def _train_batches(cfg: TrainConfig, source):
@@ -99,8 +318,19 @@ def _train_batches(cfg: TrainConfig, source):
     )
 
 
-def _eval_batches(cfg: TrainConfig, source, batch_size: int = 100) -> Iterator[dict]:
-    """One pass over ``source`` in order, the last batch kept (float clips)."""
+def _eval_batches(
+    cfg: TrainConfig,
+    source,
+    batch_size: int = 100,
+    *,
+    num_classes: int | None = None,
+    split: str = "evaluation",
+) -> Iterator[dict]:
+    """One pass over ``source`` in order, the last batch kept (float clips).
+
+    With ``num_classes``, every batch's labels are checked against it
+    (:func:`_check_labels`; ``split`` names the split in the error).
+    """
     from pso_jax.data import make_dataset  # slow: see the top
 
     ds = make_dataset(
@@ -112,7 +342,9 @@ def _eval_batches(cfg: TrainConfig, source, batch_size: int = 100) -> Iterator[d
         drop_remainder=False,
         float_video=True,
     )
-    return iter(ds)
+    if num_classes is None:
+        return iter(ds)
+    return _checked_batches(ds, num_classes, split)
 
 
 def _to_float(batch: dict) -> dict:

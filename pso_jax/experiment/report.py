@@ -1,17 +1,20 @@
 """A run's reports: the progress bar and the plots of the work directory.
 
 - ``_Progress``: a ``rich`` progress bar (step, best / mean fitness, evals/s,
-  ETA) on stderr, or nothing.
+  ETA) on stderr when it is a terminal; plain lines (every 30 s or 10 % of the
+  steps) when it is not (make, CI logs); or nothing.
 - ``_plot_convergence``: ``convergence.png``, best / mean fitness and
-  validation accuracy against the step (read from ``metrics.jsonl``).
+  validation accuracy against the step (``metrics.jsonl``'s records; a
+  non-finite value, stored as ``null``, is a gap).
 - ``_plot_confusion``: ``confusion.png``, the best particle's test confusion
   matrix.
 """
 
 from __future__ import annotations
 
-import json
+import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -27,17 +30,52 @@ from rich.progress import (
 from pso_jax.experiment.config import TrainConfig
 from pso_jax.train import EvalResult
 
+PLAIN_EVERY_SECONDS = 30.0  # a plain progress line at least this often
+PLAIN_EVERY_FRACTION = 0.1  # ... or every this share of the steps
+
 
 class _Progress:
-    """A rich progress bar (step, best/mean fitness, evals/s, ETA), or nothing."""
+    """A rich progress bar (step, best/mean fitness, evals/s, ETA) on a terminal,
+    plain lines elsewhere, or nothing (``enabled=False``)."""
 
     def __init__(self, enabled: bool, total: int, start: int, particles: int):
         self.enabled, self.total, self.start = enabled, total, start
         self.particles = particles
+        self.plain = enabled and not Console(stderr=True).is_terminal
+
+    def _plain_lines(self):
+        """``update(step, record, per_step)`` printing a line every 30 s or 10 %
+        of the steps (``per_step``: the measured seconds per step, compiling
+        excluded)."""
+        t0, s0 = time.perf_counter(), self.start
+        last = {"t": t0, "step": s0}
+        every = max(1, int(self.total * PLAIN_EVERY_FRACTION))
+
+        def update(step, record, per_step=None):
+            now = time.perf_counter()
+            due = now - last["t"] >= PLAIN_EVERY_SECONDS
+            if not (due or step - last["step"] >= every or step == self.total):
+                return
+            last.update(t=now, step=step)
+            if per_step is None:
+                per_step = (now - t0) / max(step - s0, 1)
+            eta = time.strftime("%H:%M:%S", time.gmtime(per_step * (self.total - step)))
+            print(
+                f"pso-jax: step {step}/{self.total}: best "
+                f"{_number(record['best_fitness'])} mean "
+                f"{_number(record['mean_fitness'])}, {per_step:.3g} s/step, "
+                f"ETA {eta}",
+                file=sys.stderr,
+                flush=True,
+            )
+
+        return update
 
     def __enter__(self):
         if not self.enabled:
-            return lambda step, record: None
+            return lambda step, record, per_step=None: None
+        if self.plain:
+            return self._plain_lines()
         self.progress = Progress(
             TextColumn("[bold]train"),
             BarColumn(),
@@ -58,42 +96,61 @@ class _Progress:
         )
         t0, s0 = time.perf_counter(), self.start
 
-        def update(step, record):
+        def update(step, record, per_step=None):
             dt = time.perf_counter() - t0
             rate = f"{(step - s0) * self.particles / dt:.3g}" if step > s0 else "-"
             self.progress.update(
                 task,
                 completed=step,
-                best=f"{record['best_fitness']:.4g}",
-                mean=f"{record['mean_fitness']:.4g}",
+                best=_number(record["best_fitness"]),
+                mean=_number(record["mean_fitness"]),
                 rate=rate,
             )
 
         return update
 
     def __exit__(self, *exc):
-        if self.enabled:
+        if self.enabled and not self.plain:
             self.progress.__exit__(*exc)
 
 
-def _plot_convergence(metrics_path: Path, out: Path, cfg: TrainConfig) -> None:
-    """``convergence.png``: best / mean fitness and validation accuracy by step."""
+def _number(value) -> str:
+    """A fitness for a progress line (``None``, a non-finite value: ``-``)."""
+    return "-" if value is None else f"{value:.4g}"
+
+
+_FITNESS_LABELS = {
+    "cross_entropy": "cross-entropy loss",
+    "error_rate": "error rate",
+    "macro_f1": "macro-F1",
+}
+
+
+def _plot_convergence(records: Iterable[dict], out: Path, cfg: TrainConfig) -> None:
+    """``convergence.png``: best / mean fitness and validation accuracy by step.
+
+    ``records``: ``metrics.jsonl``'s, whose ``null`` (non-finite) values are
+    gaps in the lines.
+    """
     plt = _pyplot()
     steps, best, mean, vsteps, vacc = [], [], [], [], []
-    for line in metrics_path.read_text().splitlines():
-        r = json.loads(line)
+
+    def number(value):
+        return float("nan") if value is None else value
+
+    for r in records:
         if "val_accuracy" in r:
             vsteps.append(r["step"])
-            vacc.append(r["val_accuracy"])
+            vacc.append(number(r["val_accuracy"]))
         else:
             steps.append(r["step"])
-            best.append(r["best_fitness"])
-            mean.append(r["mean_fitness"])
+            best.append(number(r["best_fitness"]))
+            mean.append(number(r["mean_fitness"]))
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    ax.plot(steps, best, label="swarm best")
+    ax.plot(steps, best, label="swarm best (re-scored on each batch)")
     ax.plot(steps, mean, label="swarm mean", alpha=0.6)
-    ax.set_xlabel("step")
-    ax.set_ylabel(cfg.fitness)
+    ax.set_xlabel("swarm step")
+    ax.set_ylabel(f"{_FITNESS_LABELS.get(cfg.fitness, cfg.fitness)} on the batch")
     ax.set_title(
         f"{cfg.model} x {cfg.particles} particles, k={cfg.local_steps}, "
         f"{cfg.dataset}/{cfg.dataset_config}"
@@ -104,8 +161,15 @@ def _plot_convergence(metrics_path: Path, out: Path, cfg: TrainConfig) -> None:
         ax2.set_ylim(0, 1)
         ax2.set_ylabel("validation accuracy")
         ax2.legend(loc="center right")
-    ax.legend(loc="upper right")
-    fig.tight_layout()
+    ax.legend(loc="upper right", fontsize=8)
+    fig.text(
+        0.01,
+        0.01,
+        "The best is re-scored on each step's batch, so it moves with the batch.",
+        fontsize=7,
+        color="0.35",
+    )
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(out, dpi=110)
     plt.close(fig)
 

@@ -177,6 +177,7 @@ def _make_trainer(cfg: TrainConfig, model, optimizer, batch_fn) -> Trainer:
         grad_hparams=ranges or None,
         exploit_every=cfg.exploit_every,
         exploit_fraction=cfg.exploit_fraction,
+        hparam_move=cfg.hparam_move,
     )
 
 
@@ -192,9 +193,7 @@ def _adam(cfg: TrainConfig, learning_rate=None, weight_decay=None):
     decay = cfg.weight_decay if weight_decay is None else weight_decay
     if cfg.lr_schedule == "constant" or cfg.local_steps == 0:
         return optax.adamw(peak, weight_decay=decay)
-    shape = optax.cosine_decay_schedule(
-        1.0, decay_steps=max(cfg.steps * cfg.local_steps, 1), alpha=0.05
-    )
+    shape = optax.cosine_decay_schedule(1.0, decay_steps=_decay_steps(cfg), alpha=0.05)
     return optax.adamw(lambda count: peak * shape(count), weight_decay=decay)
 
 
@@ -207,11 +206,18 @@ def _grad_optimizer(cfg: TrainConfig):
     return grad_optimizer
 
 
+def _decay_steps(cfg: TrainConfig) -> int:
+    """The gradient steps the cosine schedule spans: ``schedule_steps`` (or
+    ``steps``) swarm steps of ``local_steps`` each; optax holds it at its floor
+    after."""
+    return max((cfg.schedule_steps or cfg.steps) * cfg.local_steps, 1)
+
+
 def _learning_rate(cfg: TrainConfig):
     if cfg.lr_schedule == "constant" or cfg.local_steps == 0:
         return cfg.learning_rate
     return optax.cosine_decay_schedule(
-        cfg.learning_rate, decay_steps=max(cfg.steps * cfg.local_steps, 1), alpha=0.05
+        cfg.learning_rate, decay_steps=_decay_steps(cfg), alpha=0.05
     )
 
 
@@ -234,11 +240,21 @@ def _gather_top(maximize: bool, mesh) -> Callable:
 def _restore(run: _Run, ckdir: Path, step: int | None = None):
     """Restore a checkpoint into ``run``'s layout (any device count it was saved on).
 
+    The step's content is verified against its stored checksums (see
+    :mod:`pso_jax.checkpoint`), so ``evaluate`` and ``--resume`` never load a
+    damaged swarm.
+
     Raises:
-      pso_jax.checkpoint.CheckpointError: as ``checkpoint.restore``, or for a
-        checkpoint whose swarm was padded to another size than this layout's.
+      pso_jax.checkpoint.CheckpointError: as ``checkpoint.restore`` (a damaged
+        step names the newest intact earlier one), or for a checkpoint whose
+        swarm was padded to another size than this layout's.
     """
-    meta = ckpt.read_meta(ckdir, step=step)
+    try:
+        meta = ckpt.read_meta(ckdir, step=step)
+    except ckpt.CheckpointError:
+        # A missing or damaged step: the restore below raises the full error
+        # (for a damaged step, with the newest intact earlier step).
+        meta = {}
     stored = meta.get("swarm_size", run.swarm_size)
     if stored != run.swarm_size:
         raise ckpt.CheckpointError(

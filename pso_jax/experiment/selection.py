@@ -23,14 +23,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from pso_jax import flax_utils
+from pso_jax.experiment.config import RunFileError, _load_json
 from pso_jax.experiment.input_pipeline import _eval_batches, _source
 from pso_jax.experiment.run import _Run
 from pso_jax.train import EvalResult, TrainState, evaluate, top_particles
 
 
 def _split_batches(run: _Run, split: str) -> list[dict]:
-    """A split's evaluation batches, read once (host arrays)."""
-    return list(_eval_batches(run.cfg, _source(run.cfg, split)))
+    """A split's evaluation batches, read once (host arrays), labels checked."""
+    source = _source(run.cfg, split)
+    return list(
+        _eval_batches(run.cfg, source, num_classes=run.num_classes, split=split)
+    )
 
 
 def _score(run: _Run, state: TrainState, params, batches) -> EvalResult:
@@ -50,7 +54,13 @@ class _Elite:
         self.meta = None
         meta_path = self.dir / "elite.json"
         if meta_path.exists():
-            self.meta = json.loads(meta_path.read_text())
+            meta = _load_json(meta_path)
+            if not (isinstance(meta, dict) and {"val_accuracy", "step"} <= meta.keys()):
+                raise RunFileError(
+                    f"{meta_path}: expected an object with val_accuracy and step; "
+                    "the elite is damaged: delete elite/ to drop it"
+                )
+            self.meta = meta
 
     @property
     def val_accuracy(self) -> float:
@@ -67,7 +77,8 @@ class _Elite:
             params = jax.tree.map(np.asarray, gathered.swarm.best_params)
             flax_utils.save_params(tmp / "params", params)
             meta = {"val_accuracy": val_accuracy, "step": step}
-            (tmp / "elite.json").write_text(json.dumps(meta))
+            # Strict JSON (an accuracy is always finite: allow_nan=False guards).
+            (tmp / "elite.json").write_text(json.dumps(meta, allow_nan=False))
             shutil.rmtree(self.dir, ignore_errors=True)
             os.replace(tmp, self.dir)  # never half-written
         self.meta = {"val_accuracy": val_accuracy, "step": step}
