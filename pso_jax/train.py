@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import struct
 from jax.sharding import PartitionSpec as P
@@ -348,16 +349,22 @@ def check_batch(batch, video_key: str = "video", label_key: str = "label") -> No
             )
 
 
-def _check_labels(labels, num_classes: int, where: str) -> None:
-    """On the host: every label in ``[0, num_classes)`` (not under a trace)."""
+def check_labels(labels, num_classes: int, where: str) -> None:
+    """On the host: a ``ValueError`` unless every label is in ``[0, num_classes)``.
+
+    A label out of range gives a NaN fitness inside the step, where nothing can
+    raise, so batches are checked where they are concrete (``evaluate``, the
+    experiment's input pipeline). Tracers are skipped.
+    """
     if isinstance(labels, jax.core.Tracer):
         return
-    arr = jnp.asarray(labels)
-    if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= num_classes):
+    arr = np.asarray(labels)
+    if arr.size == 0:
+        return
+    low, high = int(arr.min()), int(arr.max())
+    if low < 0 or high >= num_classes:
         raise ValueError(
-            f"{where}: labels span {int(arr.min())}..{int(arr.max())}, outside "
-            f"0..{num_classes - 1} for num_classes={num_classes} (the model's "
-            "output size); a label out of range gives a NaN fitness"
+            f"{where} has label {low if low < 0 else high}, outside [0, {num_classes})"
         )
 
 
@@ -858,7 +865,7 @@ def evaluate(
     cm_e = cm_b
     for i, batch in enumerate(batches):
         check_batch(batch, video_key, label_key)
-        _check_labels(batch[label_key], num_classes, f"evaluate: batch {i}")
+        check_labels(batch[label_key], num_classes, f"evaluate: batch {i}")
         if i == 0:
             out = jax.eval_shape(
                 trainer.evaluate_logits,

@@ -487,27 +487,26 @@ def read_config(path: str | os.PathLike) -> TrainConfig:
             f"{type(stored).__name__}"
         )
     names = [f.name for f in dataclasses.fields(TrainConfig)]
+    again = "written by another version of pso_jax, or edited?"
     unknown = [k for k in stored if k not in names]
-    if unknown:
-        raise RunFileError(
-            f"{path}: unknown field{'s' * (len(unknown) > 1)} "
-            f"{', '.join(map(repr, unknown))} (not TrainConfig fields: written by "
-            "another version of pso_jax, or edited?)"
-        )
+    _refuse_fields(path, "unknown", unknown, f"not TrainConfig fields: {again}")
     stored = {**{k: v for k, v in _LATER_FIELDS.items() if k not in stored}, **stored}
-    missing = [k for k in names if k not in stored]
-    if missing:
-        raise RunFileError(
-            f"{path}: missing field{'s' * (len(missing) > 1)} "
-            f"{', '.join(map(repr, missing))} (written by another version of "
-            "pso_jax, or edited?)"
-        )
+    _refuse_fields(path, "missing", [k for k in names if k not in stored], again)
     cfg = TrainConfig(**stored)
     try:
         validate_config(cfg)
     except ValueError as e:
         raise RunFileError(f"{path}: field {e}") from None
     return cfg
+
+
+def _refuse_fields(path: Path, kind: str, fields: list[str], why: str) -> None:
+    """A :class:`RunFileError` naming ``fields`` (unknown or missing), if any."""
+    if fields:
+        raise RunFileError(
+            f"{path}: {kind} field{'s' * (len(fields) > 1)} "
+            f"{', '.join(map(repr, fields))} ({why})"
+        )
 
 
 def _load_json(path: Path) -> Any:

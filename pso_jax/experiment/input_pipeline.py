@@ -33,6 +33,7 @@ from jax.experimental import multihost_utils
 
 from pso_jax import sharding
 from pso_jax.experiment.config import ConfigError, TrainConfig
+from pso_jax.train import check_labels
 
 
 class DataError(ValueError):
@@ -282,19 +283,16 @@ def _check_model_input(cfg: TrainConfig, clip: tuple[int, ...], num_classes: int
 
 
 def _check_labels(labels, num_classes: int, where: str) -> None:
-    """Raise a :class:`DataError` unless every label is in ``[0, num_classes)``."""
-    labels = np.asarray(labels)
-    if labels.size == 0:
-        return
-    low, high = int(labels.min()), int(labels.max())
-    if low < 0 or high >= num_classes:
-        bad = low if low < 0 else high
+    """:func:`pso_jax.train.check_labels` as a :class:`DataError` of the config."""
+    try:
+        check_labels(labels, num_classes, where)
+    except ValueError as e:
         raise DataError(
             "num_classes",
             num_classes,
-            f"{where} has label {bad}, outside [0, {num_classes}): pass the "
-            "dataset's class count (or omit num_classes / --num-classes)",
-        )
+            f"{e}: pass the dataset's class count (or omit num_classes / "
+            "--num-classes)",
+        ) from None
 
 
 def _checked_batches(batches: Iterable[dict], num_classes: int, split: str):
