@@ -23,7 +23,9 @@ Optimizers (swarm size ``--swarm-size``, default 40, for every PSO; library
 defaults otherwise):
 
 - pso_jax: ``inertia`` with the ``global``, ``ring`` and ``von_neumann``
-  topologies, ``spso2011`` (random informants) and ``cso``; bounds as
+  topologies, ``spso2011`` (random informants), ``cso`` and ``clpso`` (at its
+  constant default w=0.7, and with the paper's w falling linearly from 0.9 to
+  0.2 over the run's steps); bounds as
   ``pso_jax.minimize(fn, (low, high))`` sets them (reflecting walls, velocity
   clamp 0.5 x range), no restarts. Seeds run under one ``jax.vmap``; the
   trajectory of seed ``s`` is that of ``minimize(..., key=jax.random.key(s))``
@@ -41,7 +43,7 @@ defaults otherwise):
 Usage::
 
     PYTHONPATH=. .venv/bin/python benchmarks/search_quality.py \\
-        [--quick] [--out benchmarks/results]
+        [--quick] [--out benchmarks/results] [--stem search_quality]
     # tables and plots again from the JSON, without running:
     .venv/bin/python benchmarks/search_quality.py \\
         --replot benchmarks/results/search_quality.json
@@ -71,6 +73,7 @@ import evosax.algorithms
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import scipy.stats
 
 import pso_jax
@@ -135,6 +138,13 @@ ENTRIES = (
     ),
     Entry("pso_jax spso2011", "pso_jax", "pso_jax", dict(variant="spso2011")),
     Entry("pso_jax cso", "pso_jax", "pso_jax", dict(variant="cso")),
+    Entry("pso_jax clpso", "pso_jax", "pso_jax", dict(variant="clpso")),
+    Entry(
+        "pso_jax clpso w 0.9→0.2",
+        "pso_jax",
+        "pso_jax",
+        dict(variant="clpso", inertia_schedule=(0.9, 0.2)),
+    ),
     Entry("evosax PSO", "evosax", "evosax_pso", {}),
     Entry("pyswarms global", "pyswarms", "pyswarms", dict(local=False)),
     Entry("pyswarms local", "pyswarms", "pyswarms", dict(local=True)),
@@ -230,7 +240,7 @@ def _box(problem):
     return jnp.full((d,), low, jnp.float32), jnp.full((d,), high, jnp.float32)
 
 
-def build_pso_jax(problem, num_particles, variant="inertia", topology=None):
+def build_pso_jax(problem, num_particles, variant="inertia", topology=None, **hp):
     """The optimizer ``minimize(fn, (low, high), num_dims=D, ...)`` builds."""
     return pso_jax.pso(
         lambda x, _batch: problem.fn(x),
@@ -238,15 +248,19 @@ def build_pso_jax(problem, num_particles, variant="inertia", topology=None):
         variant=variant,
         topology=topology,
         bounds=_box(problem),
+        **hp,
     )
 
 
-def run_pso_jax(problem, n, budget, seeds, **options):
+def run_pso_jax(problem, n, budget, seeds, inertia_schedule=None, **options):
+    steps = budget // n
+    if inertia_schedule is not None:  # (start, end) over the run's steps
+        start, end = inertia_schedule
+        options["inertia"] = optax.linear_schedule(start, end, steps)
     opt = build_pso_jax(problem, n, **options)
     hp = opt.default_hparams
     low, high = _box(problem)
     template = (low + high) / 2
-    steps = budget // n
 
     def one(key):
         key_run = jax.random.fold_in(key, 0)  # minimize()'s first (only) attempt
@@ -632,7 +646,7 @@ def write_markdown(path, result):
         lines += [
             "",
             f"Convergence (median error vs evaluations, IQR shaded): "
-            f"`search_quality_D{d}.png`.",
+            f"`{path.stem}_D{d}.png`.",
             "",
         ]
     lines += ["## Wall time per optimizer (all seeds of a cell, seconds)", ""]
@@ -679,8 +693,12 @@ SETTINGS_NOTES = (
     "what `pso_jax.minimize(fn, (low, high), num_dims=D, num_particles=N, "
     "variant=..., topology=...)` runs, without restarts. inertia: w=0.7298, "
     "c1=c2=1.49618; ring: 1 neighbour each side; spso2011: its default random "
-    "topology (3 informants); cso: phi=0.1. `constriction` is omitted: with its "
-    "defaults it is the same update as `inertia`'s.",
+    "topology (3 informants); cso: phi=0.1; clpso: c=1.49445, refresh gap 7, "
+    "velocity clamp 0.2 x range (the paper's), w=0.7 constant (its default) or "
+    "`inertia=optax.linear_schedule(0.9, 0.2, steps)` (the paper's), reflecting "
+    "walls (the paper instead leaves particles outside the box unevaluated). "
+    "`constriction` is omitted: with its defaults it is the same update as "
+    "`inertia`'s.",
     "pso_jax cso re-evaluates every particle each step (N evaluations per "
     "step, winners included), whereas EvoX's CSO evaluates only the N/2 losers; "
     "both are charged what they evaluate.",
@@ -714,7 +732,7 @@ def write_plots(out_dir, result, stem="search_quality"):
     ours = [e.name for e in ENTRIES if e.library == "pso_jax"]
     peers = [e.name for e in ENTRIES if e.library != "pso_jax"]
     # pso_jax: solid, cool colours; peers: dashed, warm ones; CMA-ES dotted.
-    our_colors = ("C0", "C9", "C4", "navy", "teal")
+    our_colors = ("C0", "C9", "C4", "navy", "teal", "C2", "olive")
     peer_colors = ("C1", "C8", "C7", "C3", "C6", "k")
     colors = {n: our_colors[i % len(our_colors)] for i, n in enumerate(ours)}
     colors.update({n: peer_colors[i % len(peer_colors)] for i, n in enumerate(peers)})
@@ -861,6 +879,11 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="reduced grid, for CI")
     ap.add_argument("--out", default="benchmarks/results", type=Path)
+    ap.add_argument(
+        "--stem",
+        default="search_quality",
+        help="file names in --out: STEM.md, STEM.json, STEM_D*.png",
+    )
     ap.add_argument("--functions", default=None, help="comma-separated subset")
     ap.add_argument("--dims", default=None, help="comma-separated, e.g. 10,30")
     ap.add_argument("--seeds", type=int, default=None)
@@ -895,7 +918,7 @@ def main(argv=None):
         for c in result["cells"]:
             c["comparison"] = compare(c)
         write_markdown(args.replot.with_suffix(".md"), result)
-        write_plots(args.replot.parent, result)
+        write_plots(args.replot.parent, result, stem=args.replot.stem)
         print(f"rewrote {args.replot.with_suffix('.md')} and the plots")
         return
     functions = (
@@ -935,7 +958,7 @@ def main(argv=None):
         entries=[e.name for e in entries],
     )
     args.out.mkdir(parents=True, exist_ok=True)
-    json_path = args.out / "search_quality.json"
+    json_path = args.out / f"{args.stem}.json"
     base = None
     if args.update:
         base = json.loads(json_path.read_text())
@@ -964,9 +987,9 @@ def main(argv=None):
                 result = merge_results(base, cells)
             # Written after every cell, so an interrupted run leaves its results.
             json_path.write_text(json.dumps(result) + "\n")
-    write_markdown(args.out / "search_quality.md", result)
-    write_plots(args.out, result)
-    print(f"wrote {args.out}/search_quality.{{md,json}} and search_quality_D*.png")
+    write_markdown(args.out / f"{args.stem}.md", result)
+    write_plots(args.out, result, stem=args.stem)
+    print(f"wrote {args.out}/{args.stem}.{{md,json}} and {args.stem}_D*.png")
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from pso_jax import experiment, objectives, sharding
+from pso_jax import compile_cache, experiment, objectives, sharding
 from pso_jax.checkpoint import CheckpointError
 from pso_jax.experiment import loop
 from pso_jax.experiment.loop import _Interrupt
@@ -157,6 +157,20 @@ def _range(text: str) -> tuple[float, float]:
             f"expected finite 0 < LOW <= HIGH, got {text!r}"
         )
     return low, high
+
+
+def _narrowings(text: str) -> tuple[tuple[int, int], ...]:
+    """``"40:2,80:1"`` -> ``((40, 2), (80, 1))`` (``--narrow-at``; ``""``: none)."""
+    pairs = []
+    for item in filter(None, text.split(",")):
+        try:
+            step, keep = (int(v) for v in item.split(":"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected STEP:KEEP[,STEP:KEEP...] (ints), got {text!r}"
+            ) from None
+        pairs.append((step, keep))
+    return tuple(pairs)
 
 
 def _devices(text: str) -> int:
@@ -496,6 +510,13 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         "log-hyperparameters (pso), or both",
     )
     s.add_argument(
+        "--narrow-at",
+        type=_narrowings,
+        metavar="STEP:KEEP[,...]",
+        help="successive halving: after STEP steps only the KEEP particles best "
+        "on validation go on (e.g. 40:1 races --lr-range, then trains the winner)",
+    )
+    s.add_argument(
         "--select-on",
         choices=("batch", "next"),
         help="measure the swarm's fitness on the batch just fitted, or the next",
@@ -691,6 +712,21 @@ def _parser() -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help="on an error, print the full traceback as well as the one line",
     )
+    # JAX's persistent compilation cache (pso_jax.compile_cache), for every command.
+    common.add_argument(
+        "--compile-cache",
+        metavar="DIR",
+        default=argparse.SUPPRESS,
+        help="keep compiled programs in DIR, so that the next run loads them "
+        f"instead of compiling (default: ${compile_cache.ENV_VAR}, else "
+        "$XDG_CACHE_HOME/pso_jax/jax_cache or ~/.cache/pso_jax/jax_cache)",
+    )
+    common.add_argument(
+        "--no-compile-cache",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help=f"compile everything afresh; also ${compile_cache.ENV_VAR}=0",
+    )
     layout = dict(
         parents=[common],
         epilog=_exit_codes_epilog(),
@@ -773,6 +809,7 @@ def _dispatch(args) -> int:
             demo_args += ["--steps", str(args.steps)]
         if getattr(args, "debug", False):
             demo_args.append("--debug")
+        demo_args += _compile_cache_args(args)
         return main(demo_args)
     demo = argparse.Namespace(
         objective="rastrigin",
@@ -850,6 +887,15 @@ def _signals_interrupt():
             signal.signal(s, handler)
 
 
+def _compile_cache_args(args) -> list[str]:
+    """The compilation cache flags given, for ``demo``'s nested ``train``."""
+    if getattr(args, "no_compile_cache", False):
+        return ["--no-compile-cache"]
+    if getattr(args, "compile_cache", None) is not None:
+        return ["--compile-cache", str(args.compile_cache)]
+    return []
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``pso-jax`` console script.
 
@@ -859,6 +905,10 @@ def main(argv: list[str] | None = None) -> int:
       (``--debug``: the traceback before it).
     """
     args = _parser().parse_args(argv)
+    compile_cache.enable(  # before anything compiles
+        getattr(args, "compile_cache", None),
+        disabled=getattr(args, "no_compile_cache", False),
+    )
     with _signals_interrupt():
         try:
             return _dispatch(args)

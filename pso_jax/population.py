@@ -7,7 +7,9 @@ start; every few steps the worst particles take the weights, optimizer state and
 hyperparameters of a good one (*exploit*, truncation selection) and perturb the
 hyperparameters (*explore*). Or the swarm moves the hyperparameters themselves:
 PSO on their logarithms (:func:`move_hparams`), each particle keeping its own
-weights. The swarm's particle axis is the population's, so
+weights. Or the population narrows (:func:`narrow`, successive halving): after
+a short race the best few particles go on alone, with all the compute. The
+swarm's particle axis is the population's, so
 all of it runs in the one jitted, vmapped train step
 (:func:`pso_jax.train.make_train_step`), on one device or sharded (every
 function here goes through a swarm axis, :mod:`pso_jax.swarm_axis`).
@@ -15,13 +17,22 @@ function here goes through a swarm axis, :mod:`pso_jax.swarm_axis`).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from pso_jax.base import PARTICLE_AXIS_FIELD, SUBSTATE_FIELD
 from pso_jax.tree_utils import tree_where
+
+# Per-particle fields that hold particle indices (random links, CLPSO's
+# exemplars): meaningless once the rows are renumbered; a narrowed state keeps
+# the fresh state's.
+_INDEX_FIELDS = frozenset({"links", "exemplars"})
 
 
 def check_ranges(ranges: Mapping[str, tuple[float, float]]) -> None:
@@ -224,3 +235,70 @@ def diversity(axis, positions, center) -> jax.Array:
     mean_d2 = jnp.sum(axis.gather_all(d2)) / axis.num_real
     c2 = sum(jnp.sum(jnp.square(c)) for c in jax.tree.leaves(center))
     return jnp.sqrt(mean_d2 / jnp.maximum(c2, 1e-30))
+
+
+def narrow(state: Any, rows, like: Any) -> Any:
+    """The particles ``rows`` of ``state``, alone: a state of ``len(rows)`` particles.
+
+    Successive halving's step (Jamieson & Talwalkar, 2016): the chosen particles
+    go on exactly as they were (positions, velocities, personal bests, their
+    optax state and hyperparameters: every per-particle field's rows), the
+    swarm-wide fields (the best, its fitness, the counters, the run's key) are
+    kept, and the rest is dropped. ``like``, a state of the smaller swarm (its
+    ``init``'s), gives the layout: a field the smaller swarm does not have
+    (``None`` there, e.g. the hyperparameter swarm of a run of one particle)
+    stays ``None``, and the fields that hold particle indices (random links,
+    exemplars) are ``like``'s.
+
+    Works on a :class:`pso_jax.pso.PSOState` or a
+    :class:`pso_jax.train.TrainState` (any state whose fields say their layout
+    with :func:`pso_jax.base.particle_field`), on one device. Host-side (not
+    jitted: it runs once per narrowing).
+
+    Args:
+      state: the state of ``P`` particles.
+      rows: the particles to keep, ``k`` distinct indices in ``[0, P)`` (their
+        order is the new particle order).
+      like: a state of ``k`` particles.
+
+    Returns:
+      ``like`` with ``state``'s values.
+
+    Raises:
+      ValueError: ``rows`` that are not distinct indices of ``state``'s
+        particles, or as many as ``like`` has.
+    """
+    rows = np.asarray(rows)
+    num, want = _num_particles(state), _num_particles(like)
+    if (
+        rows.ndim != 1
+        or rows.dtype.kind not in "iu"
+        or len(rows) != want
+        or len(set(rows.tolist())) != len(rows)
+        or (len(rows) and (rows.min() < 0 or rows.max() >= num))
+    ):
+        raise ValueError(
+            f"rows={rows.tolist()}: expected {want} distinct particle indices in "
+            f"[0, {num})"
+        )
+    return _narrow_fields(state, jnp.asarray(rows), like)
+
+
+def _num_particles(state: Any) -> int:
+    swarm = getattr(state, "swarm", state)  # a TrainState's PSOState
+    return int(np.shape(swarm.fitness)[0])
+
+
+def _narrow_fields(old: Any, rows: jax.Array, like: Any) -> Any:
+    updates = {}
+    for f in dataclasses.fields(type(like)):
+        old_v, new_v = getattr(old, f.name), getattr(like, f.name)
+        if SUBSTATE_FIELD in f.metadata:
+            updates[f.name] = _narrow_fields(old_v, rows, new_v)
+        elif old_v is None or new_v is None or f.name in _INDEX_FIELDS:
+            updates[f.name] = new_v
+        elif f.metadata.get(PARTICLE_AXIS_FIELD):
+            updates[f.name] = jax.tree.map(lambda a: jnp.take(a, rows, axis=0), old_v)
+        else:
+            updates[f.name] = old_v
+    return like.replace(**updates)

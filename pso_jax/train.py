@@ -791,6 +791,61 @@ def _confusions(evaluate_logits, num_classes, best, ens, frozen, video, labels):
     )
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _particle_counts(evaluate_logits, params, frozen, video, labels):
+    """``([P] correct clips, [P] summed cross-entropy)`` of one batch."""
+    logits = evaluate_logits(params, frozen, video).astype(jnp.float32)
+    correct = jnp.sum(jnp.argmax(logits, -1) == labels[None], axis=1)
+    losses = jax.vmap(
+        lambda lg: optax.softmax_cross_entropy_with_integer_labels(lg, labels)
+    )(logits)
+    return correct, jnp.sum(losses, axis=1)
+
+
+def particle_scores(
+    trainer: Trainer,
+    state: TrainState,
+    batches,
+    num_classes: int,
+    *,
+    video_key: str = "video",
+    label_key: str = "label",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every particle's accuracy and mean cross-entropy on ``batches``.
+
+    Of the particles' current positions (the weights their next step starts
+    from), all ``P`` in one vmapped evaluation per batch: what a selection
+    among the particles reads (e.g. successive halving,
+    :func:`pso_jax.population.narrow`). One device (host values).
+
+    Returns:
+      ``(accuracy, loss)``: ``[P]`` float64 each; a particle with non-finite
+      logits gets loss ``inf``.
+
+    Raises:
+      ValueError: no batches, or labels outside ``[0, num_classes)``.
+    """
+    swarm = state.swarm
+    correct, loss, clips = 0, 0, 0
+    for i, batch in enumerate(batches):
+        check_batch(batch, video_key, label_key)
+        check_labels(batch[label_key], num_classes, f"particle_scores: batch {i}")
+        hits, losses = _particle_counts(
+            trainer.evaluate_logits,
+            swarm.positions,
+            swarm.frozen_params,
+            jnp.asarray(batch[video_key]),
+            jnp.asarray(batch[label_key]),
+        )
+        correct = correct + np.asarray(hits)
+        loss = loss + np.asarray(losses, np.float64)
+        clips += len(batch[label_key])
+    if not clips:
+        raise ValueError("particle_scores: no batches (an empty split?)")
+    loss = np.where(np.isfinite(loss), loss / clips, np.inf)
+    return np.asarray(correct, np.float64) / clips, loss
+
+
 class EvalResult(NamedTuple):
     """Classification metrics on a dataset (host values)."""
 

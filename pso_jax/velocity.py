@@ -8,6 +8,10 @@ particle, or broadcastable): the random factors are drawn by the caller
   with the coefficients of :func:`effective_coefficients`).
 - :func:`spso2011_centre`, :func:`spso2011`: the rotation-invariant SPSO-2011 move.
 - :func:`cso`: the Competitive Swarm Optimizer's loser update.
+- :func:`clpso`, :func:`clpso_learning_probability`, :func:`clpso_candidates`,
+  :func:`clpso_tournament`: Comprehensive Learning PSO's update and the rule
+  that picks each coordinate's exemplar (the particle whose personal best it
+  learns from).
 - :func:`finish`: shared by all: clamp the velocity, move, enforce the bounds.
 
 - Inertia weight: Shi & Eberhart (1998), "A modified particle swarm optimizer".
@@ -18,6 +22,12 @@ particle, or broadcastable): the random factors are drawn by the caller
   ``chi = 2 / |2 - phi - sqrt(phi^2 - 4 phi)|``, ``phi = c1 + c2 > 4``; for
   ``c1 = c2 = 2.05``, ``chi ~= 0.7298``. It is the inertia rule with
   ``(w, c1, c2) = (chi, chi c1, chi c2)``, which is how it is computed here.
+- Comprehensive learning: Liang, Qin, Suganthan & Baskar (2006),
+  "Comprehensive learning particle swarm optimizer for global optimization of
+  multimodal functions", IEEE TEC 10(3). ``v_d <- w v_d + c r_d (p_{f(d), d} -
+  x_d)``: each coordinate ``d`` of particle ``i`` follows the personal best of
+  its exemplar ``f_i(d)``, itself with probability ``1 - Pc_i``, else the
+  winner of a tournament between two other particles.
 - Order-2 stability region: Poli (2009), "Mean and variance of the sampling
   distribution of particle swarm optimizers during stagnation":
   ``|w| < 1`` and ``c1 + c2 < 24 (1 - w^2) / (7 - 5 w)``.
@@ -170,6 +180,80 @@ def cso(x, v, x_winner, x_mean, r1, r2, r3, phi):
     ``v_l <- r1 v_l + r2 (x_w - x_l) + phi r3 (xbar - x_l)``.
     """
     return r1 * v + r2 * (x_winner - x) + phi * r3 * (x_mean - x)
+
+
+# CLPSO's learning-probability curve (Liang et al., 2006, eq. 8): from
+# CLPSO_PC_LOW for the first particle to CLPSO_PC_LOW + CLPSO_PC_SPAN for the
+# last, exponentially (CLPSO_PC_RATE), so the swarm holds particles that mostly
+# exploit their own best and particles that mostly learn from others.
+CLPSO_PC_LOW = 0.05
+CLPSO_PC_SPAN = 0.45
+CLPSO_PC_RATE = 10.0
+
+
+def clpso_learning_probability(index, num_particles: int):
+    """CLPSO's learning probability ``Pc`` of the particles at ``index``.
+
+    ``Pc_i = 0.05 + 0.45 (exp(10 (i - 1) / (P - 1)) - 1) / (exp(10) - 1)`` for
+    the paper's 1-based ``i``; ``index`` is 0-based (``i - 1``).
+
+    Args:
+      index: int array of global particle indices in ``[0, P)``.
+      num_particles: ``P >= 2``.
+
+    Returns:
+      float32 array of ``index``'s shape.
+
+    >>> import jax.numpy as jnp
+    >>> pc = clpso_learning_probability(jnp.arange(3), 3)
+    >>> [round(float(p), 4) for p in pc]
+    [0.05, 0.053, 0.5]
+    """
+    t = jnp.asarray(index, jnp.float32) / (num_particles - 1)
+    ramp = jnp.expm1(CLPSO_PC_RATE * t) / jnp.expm1(jnp.float32(CLPSO_PC_RATE))
+    return CLPSO_PC_LOW + CLPSO_PC_SPAN * ramp
+
+
+def clpso_candidates(own, u_a, u_b, num_particles: int):
+    """Two distinct particles other than ``own`` for a CLPSO tournament.
+
+    Args:
+      own: int32 global index of the learning particle, broadcastable to ``u_a``.
+      u_a, u_b: uniforms in ``[0, 1)`` of one shape (one pair per coordinate).
+      num_particles: ``P >= 3``.
+
+    Returns:
+      ``(a, b)``, int32 global indices, uniform over the ordered pairs of
+      distinct particles other than ``own``.
+    """
+    n = num_particles
+    # Offsets from own: a in 1..P-1, b in 1..P-2 with a's offset skipped.
+    off_a = 1 + jnp.clip(jnp.floor(u_a * (n - 1)).astype(jnp.int32), 0, n - 2)
+    off_b = 1 + jnp.clip(jnp.floor(u_b * (n - 2)).astype(jnp.int32), 0, n - 3)
+    off_b = jnp.where(off_b >= off_a, off_b + 1, off_b)
+    return (own + off_a) % n, (own + off_b) % n
+
+
+def clpso_tournament(a, b, score):
+    """The tournament winner: ``a`` or ``b``, whichever has the lower ``score``.
+
+    ``score``: ``[P]`` personal-best scores of the whole swarm (lower is
+    better, never NaN); ties go to ``a``.
+    """
+    return jnp.where(score[a] <= score[b], a, b)
+
+
+def clpso(x, v, exemplar_pbest, r, w, c):
+    """CLPSO's velocity (Liang et al., 2006, eq. 7).
+
+    ``v <- w v + c r (pbest_{f(d)} - x)``, with ``exemplar_pbest`` the personal
+    best of each coordinate's exemplar (``[P, ...]``, like ``x``).
+
+    >>> import jax.numpy as jnp
+    >>> float(clpso(jnp.float32(0), 1.0, 2.0, 0.5, 0.5, 1.0)[()])
+    1.5
+    """
+    return w * v + c * r * (exemplar_pbest - x)
 
 
 def finish(x, v_new, vmax, low, high, handling, u=None):

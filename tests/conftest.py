@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import pytest
 
 import pso_jax
 
+# No persistent compilation cache in the tests' CLI runs (in this process and in
+# subprocesses): never the user's ~/.cache (tests/test_compile_cache.py sets its
+# own directories).
+os.environ["PSO_JAX_COMPILE_CACHE"] = "0"
+
 # Every (variant, topology) pair the library supports: tests parametrize over it.
 VARIANT_TOPOLOGIES = [
     (v, t)
     for v in pso_jax.VARIANTS
-    for t in (("global",) if v == "cso" else pso_jax.TOPOLOGIES)
+    for t in (("global",) if v in ("cso", "clpso") else pso_jax.TOPOLOGIES)
 ]
 
 

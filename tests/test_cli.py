@@ -47,6 +47,7 @@ def test_demo_runs_every_variant(tmp_path):
         "constriction",
         "spso2011",
         "cso",
+        "clpso",
     ]
 
 

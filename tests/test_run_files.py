@@ -612,7 +612,7 @@ def test_signal_before_the_run_has_a_state_writes_nothing(
     exception inside XLA's compiler would crash the exit) at its end."""
     finished = []
 
-    def interrupted_here(*args):
+    def interrupted_here(*args, **kwargs):
         os.kill(os.getpid(), signum)
         time.sleep(0.5)  # the handler has run by now
         finished.append(phase)

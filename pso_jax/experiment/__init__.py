@@ -9,6 +9,11 @@ evaluating on the test split the best particle and the top-k ensemble (with
 validation on: the candidate that wins on validation among the best particle,
 the elite, the weight soups and the ensemble).
 
+Successive halving (``narrow_at``, ``pso-jax train --narrow-at 40:1``): after
+a step of the list, the particles best on validation go on alone and the loop
+continues with their smaller swarm (its own compiled step; checkpoints after
+it hold the smaller swarm, and a resume or ``pso-jax evaluate`` rebuilds it).
+
 Exact resumes: the batch of step ``s`` is element ``s`` of a seeded, repeated
 grain dataset (random access, no iterator state), every random draw derives from
 the state's key and step, and checkpoints fall on call boundaries, so a run that
@@ -54,7 +59,9 @@ the run, the loop, metrics, reports):
 
 - :mod:`~pso_jax.experiment.config`: :class:`TrainConfig`, :data:`CONFIGS`,
   :func:`get_config`, :func:`validate_config`, :func:`read_config`,
-  :class:`Parallelism`, :class:`ConfigError`, :class:`RunFileError`.
+  :class:`Parallelism`, :class:`ConfigError`, :class:`RunFileError`,
+  :func:`particles_at` and :func:`particle_steps` (a narrowing run's size and
+  compute, ``narrow_at``).
 - :mod:`~pso_jax.experiment.input_pipeline`: data sources, train and
   evaluation batches, on-device augmentation.
 - :mod:`~pso_jax.experiment.run`: the model, swarm and jitted train step a run
@@ -63,8 +70,9 @@ the run, the loop, metrics, reports):
   (resumes, checkpoints, signals), :func:`lock_workdir`.
 - :mod:`~pso_jax.experiment.metrics`: ``metrics.jsonl`` records, evaluations,
   the summary's test metrics.
-- :mod:`~pso_jax.experiment.selection`: what the run returns: the elite
-  (back-off), soups, ensemble, chosen on validation.
+- :mod:`~pso_jax.experiment.selection`: what the run keeps and returns: the
+  particles that survive a narrowing, the elite (back-off), soups, ensemble,
+  chosen on validation.
 - :mod:`~pso_jax.experiment.report`: the progress bar and the plots.
 
 >>> cfg = get_config("smoke", steps=4)
@@ -80,6 +88,8 @@ from pso_jax.experiment.config import (
     RunFileError,
     TrainConfig,
     get_config,
+    particle_steps,
+    particles_at,
     read_config,
     validate_config,
 )
@@ -112,6 +122,8 @@ __all__ = [
     "evaluate_workdir",
     "get_config",
     "lock_workdir",
+    "particle_steps",
+    "particles_at",
     "read_config",
     "train",
     "validate_config",

@@ -48,6 +48,8 @@ from pso_jax.experiment.config import (
     RunFileError,
     TrainConfig,
     _check_layout,
+    particle_steps,
+    particles_at,
     read_config,
     validate_config,
 )
@@ -70,7 +72,7 @@ from pso_jax.experiment.metrics import (
 )
 from pso_jax.experiment.report import _plot_convergence, _Progress
 from pso_jax.experiment.run import _layout, _restore, _Run
-from pso_jax.experiment.selection import _Elite
+from pso_jax.experiment.selection import _Elite, _narrowed, _split_batches
 from pso_jax.train import Trainer, TrainState
 
 __all__ = [
@@ -187,6 +189,12 @@ def _train(
     if main:
         what = "resuming" if resume else "writing"
         _phase(f"{what} {workdir} ({cfg.steps} steps of {cfg.particles} particles)")
+        late = [f"{at}:{keep}" for at, keep in cfg.narrow_at if at >= cfg.steps]
+        if late:
+            _note(
+                f"narrow_at {','.join(late)}: at or after the run's end "
+                f"(steps={cfg.steps}), so the swarm does not narrow there"
+            )
         _phase(f"preparing the dataset {_data_name(cfg)} ...")
     with interrupt.at_once():  # preparing the data (minutes) stops at once
         train_source = _first_source(cfg, "train")
@@ -195,12 +203,14 @@ def _train(
     data_seconds = time.perf_counter() - clock.t_start
     if main:
         _phase(f"building {cfg.model} and the swarm ...")
-    run = _Run(cfg, train_source, parallel)
+    # A resumed run continues with the particles its newest checkpoint holds.
+    saved = ckpt.latest_step(workdir / "checkpoints") if resume else None
+    run = _Run(cfg, train_source, parallel, particles=particles_at(cfg, saved or 0))
     interrupt.check()
     state, start, clock.wall_before = _start_state(run, workdir, resume, interrupt)
     checkpoints = _Checkpoints(workdir / "checkpoints", run, start if resume else None)
     interrupt.saved = checkpoints.saved
-    state, step, stop = _train_loop(
+    run, state, step, stop = _train_loop(
         run,
         state,
         batches,
@@ -355,9 +365,14 @@ def _train_loop(
 
     A signal that arrived before the first chunk stops the run before it.
 
+    At a step of ``cfg.narrow_at`` (a block ends there) the swarm narrows to
+    the particles that win on validation (:func:`_narrowed`); the loop goes on
+    with their smaller run, and its own compiled step.
+
     Returns:
-      ``(state, step, stop)``: the state after ``step`` steps, and the signal
-      number that stopped the run (any process's), or ``None``.
+      ``(run, state, step, stop)``: the run of the last phase, the state after
+      ``step`` steps, and the signal number that stopped the run (any
+      process's), or ``None``.
     """
     cfg = run.cfg
     main = jax.process_index() == 0  # the process that writes files and logs
@@ -375,11 +390,11 @@ def _train_loop(
         _Progress(progress and main, cfg.steps, start, cfg.particles) as bar,
     ):
         while step < cfg.steps and stop is None and not _out_of_time(cfg, clock):
-            n = _block_length(step, k, cfg.steps, clock)
+            n = _block_length(step, k, _next_stop(cfg, step), clock)
             interrupt.step = step + n  # what a signal now waits for
             state, metrics = _run_chunk(run, state, batches, step, n, clock, compiled)
             if step == start and main:
-                _phase(_eta_line(clock, cfg.steps - step - n))
+                _phase(_eta_line(run, clock, step + n))
             wall = clock.wall()
             records = _metric_records(metrics, step, wall)
             for r in records:
@@ -390,6 +405,9 @@ def _train_loop(
                 elite.offer(run.eval_state(state, 1), res.accuracy, step)
                 record = {"step": step, "val_accuracy": res.accuracy}
                 log.write(_json_text(record) + "\n")
+            if run.particles != particles_at(cfg, step):
+                run, state = _narrow(run, state, step, log, clock, compiled)
+                checkpoints.run = run
             log.flush()
             bar(step, records[-1], clock.step_seconds)
             if every and step % every == 0:
@@ -397,7 +415,32 @@ def _train_loop(
             if on_step is not None:
                 on_step(step, state)
             stop = _stop_signal(interrupt)
-    return state, step, stop
+    return run, state, step, stop
+
+
+def _next_stop(cfg: TrainConfig, step: int) -> int:
+    """Where the block starting after ``step`` must end at the latest: the
+    run's end or its next narrowing."""
+    later = [at for at, _ in cfg.narrow_at if at > step]
+    return min([cfg.steps, *later])
+
+
+def _narrow(run: _Run, state: TrainState, step: int, log, clock: _Clock, compiled):
+    """Narrow the swarm after ``step`` steps (``cfg.narrow_at``): the run and
+    state of the particles that go on; their record in ``metrics.jsonl``."""
+    keep = particles_at(run.cfg, step)
+    main = jax.process_index() == 0
+    if main:
+        _phase(f"narrowing {run.particles} particles to {keep} on validation ...")
+    val = _split_batches(run, "validation")
+    run, state, record = _narrowed(run, state, keep, val)
+    log.write(_json_text({"step": step, **record}) + "\n")
+    compiled.clear()  # the smaller swarm's step compiles anew
+    clock.restart_timing()
+    if main:
+        accs = ", ".join(f"{a:.3f}" for a in record["particle_val_accuracy"])
+        _phase(f"kept particles {record['kept']} (validation accuracy {accs})")
+    return run, state
 
 
 BLOCK_SECONDS = 2.0  # a block of steps takes about this long at most
@@ -467,9 +510,11 @@ def _run_chunk(
         first = run.device_batches(jax.tree.map(lambda x: x[None], host[0]))
         t0 = time.perf_counter()
         compiled["step"] = _chunk.lower(run.trainer, state, first).compile()
-        clock.compile_seconds = time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        # Summed over the run's phases (a narrowed swarm compiles its own step).
+        clock.compile_seconds = (clock.compile_seconds or 0.0) + seconds
         if main:
-            _phase(f"compiled in {clock.compile_seconds:.1f} s; training")
+            _phase(f"compiled in {seconds:.1f} s; training")
     t0 = time.perf_counter()
     outs = []
     for batch in host:
@@ -484,9 +529,16 @@ def _run_chunk(
     return state, metrics
 
 
-def _eta_line(clock: _Clock, left: int) -> str:
-    """After the first call: the measured step time and the time still to go."""
-    eta = time.strftime("%H:%M:%S", time.gmtime(clock.step_seconds * left))
+def _eta_line(run: _Run, clock: _Clock, done: int) -> str:
+    """After the first call: the measured step time and the time still to go.
+
+    The time left counts particle steps (:func:`particle_steps`), so the
+    cheaper steps after a narrowing (``narrow_at``) are estimated as such.
+    """
+    cfg, left = run.cfg, run.cfg.steps - done
+    per_particle = clock.step_seconds / run.particles
+    seconds = per_particle * (particle_steps(cfg) - particle_steps(cfg, done))
+    eta = time.strftime("%H:%M:%S", time.gmtime(seconds))
     return f"{clock.step_seconds:.3g} s per step; about {eta} for the {left} steps left"
 
 
@@ -516,7 +568,7 @@ def _summary(
         wall_seconds=wall,
         data_seconds=data_seconds,
         compile_seconds=clock.compile_seconds,
-        particle_evals_per_second=(run.cfg.particles / per_step if per_step else None),
+        particle_evals_per_second=(run.particles / per_step if per_step else None),
         seconds_per_step=per_step,
         config=run.cfg.to_dict(),
         parallel=_layout(run),
@@ -549,6 +601,10 @@ class _Clock:
     def wall(self) -> float:
         """Wall seconds of the run so far, across resumes."""
         return self.wall_before + time.perf_counter() - self.t_start
+
+    def restart_timing(self) -> None:
+        """Time the steps from here on alone (a narrowed swarm's are faster)."""
+        self.steps_timed, self.train_seconds = 0, 0.0
 
     def timed(self, steps: int, seconds: float) -> None:
         """Count a call of ``steps`` steps that took ``seconds``."""
@@ -772,9 +828,11 @@ def evaluate_workdir(
         with interrupt.at_once():
             source = _first_source(cfg, "train")
         _check_data(cfg, source)
-        run = _Run(cfg, source, parallel)
+        ckdir = workdir / "checkpoints"
+        at = ckpt.latest_step(ckdir) if step is None else step
+        run = _Run(cfg, source, parallel, particles=particles_at(cfg, at or 0))
         interrupt.check()
-        state, _ = _restore(run, workdir / "checkpoints", step=step)
+        state, _ = _restore(run, ckdir, step=step)
         interrupt.check()
         result = _finish(run, state, workdir, _Elite(workdir), confusion=EVAL_CONFUSION)
         result["steps"] = int(state.swarm.step)

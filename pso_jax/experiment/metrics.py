@@ -148,7 +148,7 @@ def _evaluate(run: _Run, state: TrainState, source, *, top_k: int):
     """The best particle's and the top-k ensemble's ``EvalResult`` on ``source``."""
     # Never more than the real particles: with padding, the inert ones rank last
     # (their personal bests never get a finite fitness) and stay out.
-    top_k = max(1, min(top_k, run.cfg.particles))
+    top_k = max(1, min(top_k, run.particles))
     return evaluate(
         run.trainer,
         run.eval_state(state, top_k),
@@ -206,7 +206,7 @@ def _finish(
         "test_macro_f1": best.macro_f1,
         "test_per_class_recall": best.per_class_recall,
         "test_confusion": best.confusion,
-        "ensemble_size": min(cfg.top_k, cfg.particles),
+        "ensemble_size": min(cfg.top_k, run.particles),
         "ensemble_test_accuracy": ens.accuracy,
         "ensemble_test_macro_f1": ens.macro_f1,
         "best_train_fitness": float(state.swarm.best_fitness),
@@ -222,7 +222,7 @@ def _grad_hparams(run: _Run, state: TrainState) -> dict[str, Any]:
     order = np.argsort(
         np.asarray(score(state.swarm.pbest_fitness, run.trainer.maximize)),
         kind="stable",
-    )[: run.cfg.particles]
+    )[: run.particles]
     return {
         "grad_hparams_best_first": {
             name: np.asarray(v)[order].tolist()

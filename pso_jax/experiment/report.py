@@ -133,7 +133,7 @@ def _plot_convergence(records: Iterable[dict], out: Path, cfg: TrainConfig) -> N
     gaps in the lines.
     """
     plt = _pyplot()
-    steps, best, mean, vsteps, vacc = [], [], [], [], []
+    steps, best, mean, vsteps, vacc, narrowed = [], [], [], [], [], []
 
     def number(value):
         return float("nan") if value is None else value
@@ -142,6 +142,8 @@ def _plot_convergence(records: Iterable[dict], out: Path, cfg: TrainConfig) -> N
         if "val_accuracy" in r:
             vsteps.append(r["step"])
             vacc.append(number(r["val_accuracy"]))
+        elif "narrowed_to" in r:
+            narrowed.append((r["step"], r["narrowed_to"]))
         else:
             steps.append(r["step"])
             best.append(number(r["best_fitness"]))
@@ -149,6 +151,17 @@ def _plot_convergence(records: Iterable[dict], out: Path, cfg: TrainConfig) -> N
     fig, ax = plt.subplots(figsize=(6.5, 4))
     ax.plot(steps, best, label="swarm best (re-scored on each batch)")
     ax.plot(steps, mean, label="swarm mean", alpha=0.6)
+    for at, keep in narrowed:
+        ax.axvline(at, color="0.6", ls=":", lw=1)
+        ax.annotate(
+            f"{keep} kept",
+            (at, 1),
+            xycoords=("data", "axes fraction"),
+            fontsize=7,
+            color="0.35",
+            ha="left",
+            va="top",
+        )
     ax.set_xlabel("swarm step")
     ax.set_ylabel(f"{_FITNESS_LABELS.get(cfg.fitness, cfg.fitness)} on the batch")
     ax.set_title(

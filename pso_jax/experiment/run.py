@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -41,10 +42,22 @@ class _Run:
     ``mesh`` is ``None`` on one device (the unsharded train step), else the
     swarm's mesh: the optimizer, the trainer (``init``, ``step``, ``scan``) and
     the state are then sharded over it.
+
+    ``particles``: the swarm's size in this phase of the run (default
+    ``cfg.particles``; fewer after a narrowing, ``cfg.narrow_at``; see
+    :func:`_phase_config`).
     """
 
-    def __init__(self, cfg: TrainConfig, source, parallel: Parallelism | None = None):
-        self.cfg = cfg
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        source,
+        parallel: Parallelism | None = None,
+        particles: int | None = None,
+    ):
+        self.cfg, self.source = cfg, source
+        self.particles = particles = cfg.particles if particles is None else particles
+        phase = _phase_config(cfg, particles)
         self.parallel = parallel = parallel or Parallelism()
         num_devices = parallel.num_devices()
         self.mesh = None
@@ -63,12 +76,12 @@ class _Run:
         if cfg.pretrained is not None:
             template = flax_utils.load_params(cfg.pretrained, template)
         self.optimizer = _make_optimizer(
-            cfg, model, dummy, template, self.mesh, parallel.pad
+            phase, model, dummy, template, self.mesh, parallel.pad
         )
         # With padding, the swarm's size on the device (cfg.particles + inert).
         self.swarm_size = self.optimizer.num_particles
         data = 1 if self.mesh is None else parallel.data
-        self.trainer = _make_trainer(cfg, model, self.optimizer, _batch_fn(cfg, data))
+        self.trainer = _make_trainer(phase, model, self.optimizer, _batch_fn(cfg, data))
         self.template = template
         trainer = self.trainer
 
@@ -124,6 +137,25 @@ class _Run:
             frozen_params=frozen,
         )
         return state.replace(swarm=swarm, opt_state=None)
+
+
+def _phase_config(cfg: TrainConfig, particles: int) -> TrainConfig:
+    """``cfg`` for a phase of ``particles`` (after a narrowing, ``narrow_at``).
+
+    A swarm too small for the exploit to clone anyone (``exploit_fraction *
+    particles < 1``) stops exploiting (``hparam_move="both"`` keeps its PSO
+    move while two particles are left), and one particle moves nothing.
+    """
+    if particles == cfg.particles:
+        return cfg
+    every, move = cfg.exploit_every, cfg.hparam_move
+    if int(cfg.exploit_fraction * particles) < 1 and move != "pso":
+        every, move = (every, "pso") if move == "both" else (0, move)
+    if particles < 2:
+        every, move = 0, "exploit"
+    return dataclasses.replace(
+        cfg, particles=particles, exploit_every=every, hparam_move=move, narrow_at=()
+    )
 
 
 def _make_optimizer(cfg: TrainConfig, model, dummy, template, mesh, pad: bool):
@@ -259,7 +291,7 @@ def _restore(run: _Run, ckdir: Path, step: int | None = None):
     if stored != run.swarm_size:
         raise ckpt.CheckpointError(
             f"checkpoint in {ckdir} holds a swarm of {stored} particles "
-            f"({run.cfg.particles} + {stored - run.cfg.particles} inert padding), "
+            f"({run.particles} + {stored - run.particles} inert padding), "
             f"this layout gives {run.swarm_size}: restore it on a device count "
             "that pads to the same size (the one it was written on, with --pad)"
         )

@@ -1,4 +1,8 @@
-"""What a run returns: the model that wins on validation, never one worse than before.
+"""What a run keeps and returns: the models that win on validation.
+
+- ``_narrowed``: successive halving (``cfg.narrow_at``): every particle is
+  scored on validation and the best ``keep`` go on alone, in a run of fewer
+  particles (:func:`pso_jax.population.narrow`).
 
 - ``_Elite``: ESGD's back-off (Cui et al., 2018): at every validation the swarm's
   best particle is scored, and the best so far is kept (on disk, in
@@ -22,11 +26,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pso_jax import flax_utils
+from pso_jax import flax_utils, population
 from pso_jax.experiment.config import RunFileError, _load_json
 from pso_jax.experiment.input_pipeline import _eval_batches, _source
 from pso_jax.experiment.run import _Run
-from pso_jax.train import EvalResult, TrainState, evaluate, top_particles
+from pso_jax.train import (
+    EvalResult,
+    TrainState,
+    evaluate,
+    particle_scores,
+    top_particles,
+)
 
 
 def _split_batches(run: _Run, split: str) -> list[dict]:
@@ -44,6 +54,41 @@ def _score(run: _Run, state: TrainState, params, batches) -> EvalResult:
         run.trainer, state.replace(swarm=swarm), batches, run.num_classes, top_k=1
     )
     return best
+
+
+def _narrowed(
+    run: _Run, state: TrainState, keep: int, val: list[dict]
+) -> tuple[_Run, TrainState, dict[str, Any]]:
+    """The ``keep`` particles with the best validation accuracy, in their own run.
+
+    Each particle's current weights are scored on the validation batches
+    ``val`` (:func:`pso_jax.train.particle_scores`): the best accuracy wins;
+    ties (early, every particle may still predict one class) go to the lower
+    validation loss, then the lower index. The winners keep everything they
+    had (:func:`pso_jax.population.narrow`) in a :class:`_Run` of ``keep``
+    particles, whose train step compiles anew.
+
+    Returns:
+      ``(run, state, record)``: the smaller run and its state, and what the
+      narrowing chose (for ``metrics.jsonl``).
+    """
+    acc, loss = particle_scores(run.trainer, state, val, run.num_classes)
+    order = sorted(range(run.particles), key=lambda i: (-acc[i], loss[i], i))
+    rows = order[:keep]
+    smaller = _Run(run.cfg, run.source, run.parallel, particles=keep)
+    fresh = smaller.init(jax.random.key(run.cfg.seed))
+    narrowed = population.narrow(state, rows, fresh)
+    record = {
+        "narrowed_to": keep,
+        "kept": rows,
+        "particle_val_accuracy": acc.tolist(),
+        "particle_val_loss": loss.tolist(),
+    }
+    if state.grad_hparams is not None:
+        record["kept_grad_hparams"] = {
+            name: np.asarray(v)[rows].tolist() for name, v in state.grad_hparams.items()
+        }
+    return smaller, narrowed, record
 
 
 class _Elite:
@@ -116,7 +161,7 @@ def _soups(run: _Run, state: TrainState, picked, val) -> dict[str, Any]:
 def _choose(run: _Run, state: TrainState, elite: _Elite) -> dict[str, Any]:
     """Score every candidate on validation; the winner's and all test metrics."""
     cfg = run.cfg
-    k = max(1, min(cfg.top_k, cfg.particles))
+    k = max(1, min(cfg.top_k, run.particles))
     gathered = run.eval_state(state, k)
     picked, _ = top_particles(gathered.swarm, k, run.trainer.maximize)
     val, test = _split_batches(run, "validation"), _split_batches(run, "test")
