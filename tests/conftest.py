@@ -46,3 +46,17 @@ def tree_template():
         "dense": {"kernel": jnp.zeros((3, 2)), "bias": jnp.zeros((2,))},
         "scale": jnp.zeros(()),
     }
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A module's TFDS data directory (``moving_shapes`` generated there).
+
+    End-to-end runs compile the same programs again and again: the module's
+    persistent compilation cache turns the repeats into cache hits.
+    """
+    jax.config.update(
+        "jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache"))
+    )
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    return str(tmp_path_factory.mktemp("tfds"))

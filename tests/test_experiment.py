@@ -18,17 +18,6 @@ from pso_jax.experiment.loop import _check_resume_config
 from pso_jax.experiment.run import _Run
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    # Runs in this module compile the same programs again and again: the
-    # persistent compilation cache turns the repeats into cache hits.
-    jax.config.update(
-        "jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache"))
-    )
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    return str(tmp_path_factory.mktemp("tfds"))
-
-
 def _cfg(data_dir, **kw):
     return experiment.get_config("smoke", data_dir=data_dir, **kw)
 

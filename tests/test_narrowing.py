@@ -149,15 +149,6 @@ def test_narrow_refuses_bad_rows(rows):
         population.narrow(big, rows, fresh)
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    jax.config.update(
-        "jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache"))
-    )
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    return str(tmp_path_factory.mktemp("tfds"))
-
-
 def _records(workdir):
     return [
         {k: v for k, v in json.loads(x).items() if k != "wall_seconds"}
