@@ -22,7 +22,10 @@ step counts (``N`` per step; evosax's PSO also evaluates its initial swarm).
 Optimizers (swarm size ``--swarm-size``, default 40, for every PSO; library
 defaults otherwise):
 
-- pso_jax: ``inertia`` with the ``global``, ``ring`` and ``von_neumann``
+- pso_jax: ``default``, what ``pso_jax.minimize(fn, (low, high))`` runs with
+  no options (``minimize_defaults``: the von Neumann topology with TVAC, w
+  0.9 -> 0.4, c1 2.5 -> 0.5, c2 0.5 -> 2.5 over the run's steps); ``inertia``
+  with the ``global``, ``ring`` and ``von_neumann``
   topologies, ``spso2011`` (random informants), ``cso`` and ``clpso`` (at its
   constant default w=0.7, and with the paper's w falling linearly from 0.9 to
   0.2 over the run's steps); bounds as
@@ -61,6 +64,7 @@ import shlex
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -78,6 +82,7 @@ import scipy.stats
 
 import pso_jax
 from pso_jax import objectives
+from pso_jax.minimize import minimize_defaults
 
 try:  # EvoX (PyTorch) is optional: its entries are skipped without it.
     import evox
@@ -123,6 +128,9 @@ class Entry(NamedTuple):
 
 
 ENTRIES = (
+    # What pso_jax.minimize(fn, (low, high)) runs with no options (its
+    # minimize_defaults: von Neumann topology, TVAC schedules over the run).
+    Entry("pso_jax default", "pso_jax", "pso_jax", dict(minimize_default=True)),
     Entry("pso_jax inertia/global", "pso_jax", "pso_jax", dict(variant="inertia")),
     Entry(
         "pso_jax inertia/ring",
@@ -252,23 +260,32 @@ def build_pso_jax(problem, num_particles, variant="inertia", topology=None, **hp
     )
 
 
-def run_pso_jax(problem, n, budget, seeds, inertia_schedule=None, **options):
+def run_pso_jax(
+    problem, n, budget, seeds, inertia_schedule=None, minimize_default=False, **options
+):
     steps = budget // n
     if inertia_schedule is not None:  # (start, end) over the run's steps
         start, end = inertia_schedule
         options["inertia"] = optax.linear_schedule(start, end, steps)
-    opt = build_pso_jax(problem, n, **options)
-    hp = opt.default_hparams
-    low, high = _box(problem)
-    template = (low + high) / 2
+    if minimize_default:  # what minimize() adds to pso()'s defaults
+        options = {"variant": "inertia", **options}
+        options |= minimize_defaults(steps, **options)
+    with warnings.catch_warnings():
+        # TVAC (the default's schedules) starts outside the stability region
+        # on purpose; minimize() does not warn about it either.
+        warnings.simplefilter("ignore", pso_jax.PSOConvergenceWarning)
+        opt = build_pso_jax(problem, n, **options)
+        hp = opt.default_hparams
+        low, high = _box(problem)
+        template = (low + high) / 2
 
-    def one(key):
-        key_run = jax.random.fold_in(key, 0)  # minimize()'s first (only) attempt
-        state = opt.init(key_run, template, hp)
-        _, infos = pso_jax.scan_steps(key_run, opt, state, hp, steps)
-        return infos.best_fitness
+        def one(key):
+            key_run = jax.random.fold_in(key, 0)  # minimize()'s first attempt
+            state = opt.init(key_run, template, hp)
+            _, infos = pso_jax.scan_steps(key_run, opt, state, hp, steps)
+            return infos.best_fitness
 
-    best, info = _vmapped(one, seeds)
+        best, info = _vmapped(one, seeds)
     return n * np.arange(1, steps + 1), best, info
 
 
@@ -428,7 +445,7 @@ def check_matches_minimize():
     """The vmapped pso_jax runs follow ``minimize``'s trajectory (seed 3)."""
     problem = objectives.make_problem("sphere", 5)
     n, steps, seed = 8, 30, 3
-    _, best, _ = run_pso_jax(problem, n, n * steps, [seed], variant="inertia")
+    _, best, _ = run_pso_jax(problem, n, n * steps, [seed], minimize_default=True)
     res = pso_jax.minimize(
         problem.fn,
         problem.bounds,
@@ -514,6 +531,40 @@ def compare(cell):
     )
 
 
+DEFAULT_ENTRY = "pso_jax default"
+
+
+def _default_vs_peer(cells):
+    """The headline line for ``minimize()``'s default against the best peer."""
+    n_ok = n_all = 0
+    verdicts = dict(win=0, tie=0, loss=0)
+    losses = []
+    for c in cells:
+        cmp_ = c.get("comparison")
+        st = c["entries"].get(DEFAULT_ENTRY, {})
+        if cmp_ is None or "summary" not in st:
+            continue
+        cell = dict(
+            c, entries={k: c["entries"][k] for k in (DEFAULT_ENTRY, cmp_["peer"])}
+        )
+        v = compare(cell)
+        n_all += 1
+        n_ok += v["at_least_as_good"]
+        verdicts[v["verdict"]] += 1
+        if v["verdict"] == "loss":
+            losses.append(f"{c['function']} D={c['d']} (p = {v['p_value']:.3f})")
+    if not n_all:
+        return []
+    lost = f"; significant losses: {', '.join(losses)}" if losses else ""
+    return [
+        f"`minimize()`'s default ({DEFAULT_ENTRY}) alone is at least as good as "
+        f"the best peer's median on **{n_ok} of {n_all}** cells (significant: "
+        f"{verdicts['win']} wins, {verdicts['loss']} losses, {verdicts['tie']} "
+        f"ties{lost}).",
+        "",
+    ]
+
+
 def write_markdown(path, result):
     info, cells, settings = result["machine"], result["cells"], result["settings"]
     dims = sorted({c["d"] for c in cells})
@@ -559,7 +610,7 @@ def write_markdown(path, result):
         "",
         "| function | D | best pso_jax | median [IQR] | best peer | median [IQR] "
         "| p | verdict | pso_jax median ≤ peer's | `minimize()` default "
-        "(inertia/global) | evosax CMA-ES (reference) |",
+        "(pso_jax default) | evosax CMA-ES (reference) |",
         "|---|---:|---|---|---|---|---:|---|---|---|---|",
     ]
     count = dict(total=0, as_good=0, win=0, tie=0, loss=0)
@@ -570,7 +621,7 @@ def write_markdown(path, result):
             continue
         st = c["entries"]
         cma = st.get("evosax CMA-ES", {}).get("summary")
-        default = st.get("pso_jax inertia/global", {}).get("summary")
+        default = st.get("pso_jax default", {}).get("summary")
         lines.append(
             f"| {c['function']} | {c['d']} | {cmp_['ours']} "
             f"| {_cell(st[cmp_['ours']]['summary'])} | {cmp_['peer']} "
@@ -591,6 +642,7 @@ def write_markdown(path, result):
         f"{count['win']} wins, {count['loss']} losses, {count['tie']} ties).",
         "",
     ]
+    lines += _default_vs_peer(cells)
     per_config = []
     for name in names:
         if ENTRY_BY_NAME[name].library != "pso_jax":
@@ -687,11 +739,18 @@ def write_markdown(path, result):
 
 
 SETTINGS_NOTES = (
-    "pso_jax: `pso(fn, num_particles=N, variant=..., topology=..., "
-    "bounds=(low, high))` with every other argument at its default (reflecting "
-    "walls, velocity clamp 0.5 x range, hash RNG, per-dimension r1, r2), i.e. "
-    "what `pso_jax.minimize(fn, (low, high), num_dims=D, num_particles=N, "
-    "variant=..., topology=...)` runs, without restarts. inertia: w=0.7298, "
+    "pso_jax default: what `pso_jax.minimize(fn, (low, high), num_dims=D, "
+    "num_particles=N, num_steps=budget // N)` runs with no other option: "
+    "`pso(fn, num_particles=N, bounds=(low, high), "
+    "**minimize_defaults(num_steps))`, i.e. topology von_neumann and the TVAC "
+    "schedules (w 0.9 -> 0.4, c1 2.5 -> 0.5, c2 0.5 -> 2.5, linear over the "
+    "run), reflecting walls, velocity clamp 0.5 x range.",
+    "pso_jax (the other rows): `pso(fn, num_particles=N, variant=..., "
+    "topology=..., bounds=(low, high))` with every other argument at pso()'s "
+    "default (reflecting walls, velocity clamp 0.5 x range, hash RNG, "
+    "per-dimension r1, r2), without restarts (minimize() runs these when "
+    "given the coefficients too, e.g. `inertia=0.7298`; else it schedules "
+    "them). inertia: w=0.7298, "
     "c1=c2=1.49618; ring: 1 neighbour each side; spso2011: its default random "
     "topology (3 informants); cso: phi=0.1; clpso: c=1.49445, refresh gap 7, "
     "velocity clamp 0.2 x range (the paper's), w=0.7 constant (its default) or "

@@ -5,7 +5,7 @@ swarm is a pytree with a leading particle axis, and optimizers are pairs of pure
 functions, ``init`` and ``step``, in the manner of optax and blackjax.
 """
 
-from pso_jax import fitness, flax_utils, objectives, sharding
+from pso_jax import fitness, flax_utils, objectives, particle_space, sharding
 from pso_jax.base import StepInfo, SwarmOptimizer
 from pso_jax.bounds import BOUND_HANDLERS
 from pso_jax.minimize import (
@@ -14,6 +14,7 @@ from pso_jax.minimize import (
     MinimizeResult,
     RunInfo,
     minimize,
+    minimize_defaults,
     run,
     scan_chunks,
     scan_steps,
@@ -81,7 +82,9 @@ __all__ = [
     "make_mesh",
     "make_train_step",
     "minimize",
+    "minimize_defaults",
     "objectives",
+    "particle_space",
     "pso",
     "run",
     "scan_chunks",

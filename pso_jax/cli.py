@@ -78,8 +78,10 @@ from pso_jax.checkpoint import CheckpointError
 from pso_jax.experiment import loop
 from pso_jax.experiment.loop import _Interrupt
 from pso_jax.experiment.metrics import _json_text, _write_json
+from pso_jax.flax_utils import COMPUTE_DTYPES
 from pso_jax.minimize import scan_chunks
 from pso_jax.models import MODELS, STEMS
+from pso_jax.particle_space import PARTICLE_SPACES
 from pso_jax.pso import VARIANTS, pso
 from pso_jax.topology import TOPOLOGIES
 from pso_jax.train import BEST_REFRESH, FITNESS_FNS
@@ -476,6 +478,30 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     )
     m.add_argument("--pretrained", help="params saved with flax_utils.save_params")
     m.add_argument("--swarm-over", choices=("all", "head"))
+    m.add_argument(
+        "--particle-space",
+        choices=PARTICLE_SPACES,
+        help="a particle is a whole model (full), rank-R factors per kernel "
+        "around one shared model (lowrank), or D coordinates of a random "
+        "subspace through it (subspace)",
+    )
+    m.add_argument(
+        "--dtype",
+        choices=COMPUTE_DTYPES,
+        help="the models' compute dtype (bfloat16: mixed precision, the swarm "
+        "and optimizer state stay float32)",
+    )
+    m.add_argument("--rank", type=_positive_int, help="R of --particle-space lowrank")
+    m.add_argument(
+        "--subspace-dim", type=_positive_int, help="D of --particle-space subspace"
+    )
+    m.add_argument(
+        "--recenter-every",
+        type=int,
+        metavar="N",
+        help="subspace: every N steps the best becomes the base of a fresh "
+        "random subspace (0: never)",
+    )
     s = p.add_argument_group("swarm")
     s.add_argument("--particles", type=_positive_int, help="swarm size")
     s.add_argument("--steps", type=_positive_int, help="swarm steps")

@@ -24,6 +24,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from pso_jax.tree_utils import (
     abstract_tree,
@@ -37,6 +38,8 @@ from pso_jax.types import check_int, check_key
 PyTree = Any
 
 __all__ = [
+    "COMPUTE_DTYPES",
+    "with_compute_dtype",
     "apply_fn",
     "head_mask",
     "init_params",
@@ -145,6 +148,47 @@ def apply_fn(model: nn.Module) -> Callable[[PyTree, Any], Any]:
 
     def fn(params: PyTree, x: Any) -> Any:
         return model.apply({"params": params}, x)
+
+    return fn
+
+
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def with_compute_dtype(
+    apply_fn: Callable[[PyTree, Any], Any], dtype: str = "bfloat16"
+) -> Callable[[PyTree, Any], Any]:
+    """``apply_fn`` computing in ``dtype`` (mixed precision), returning float32.
+
+    The parameters and the floating-point inputs are cast to ``dtype`` on the
+    way in, the outputs to float32 on the way out. Gradients reach the
+    float32 parameters through the casts, so everything a swarm or an optax
+    optimizer keeps (positions, velocities, personal bests, Adam's moments)
+    stays float32; only the model's forward (and backward) pass runs in
+    ``dtype``. ``"float32"`` returns ``apply_fn`` itself.
+
+    >>> import jax.numpy as jnp
+    >>> f = with_compute_dtype(lambda p, x: (p["w"] * x).sum(), "bfloat16")
+    >>> f({"w": jnp.ones(3)}, jnp.full(3, 1 / 3)).dtype
+    dtype('float32')
+
+    Raises:
+      ValueError: for a dtype not in :data:`COMPUTE_DTYPES`.
+    """
+    if dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"dtype={dtype!r}: expected one of {COMPUTE_DTYPES}")
+    if dtype == "float32":
+        return apply_fn
+    compute = jnp.dtype(dtype)
+
+    def cast(tree, to):
+        return jax.tree.map(
+            lambda a: a.astype(to) if jnp.issubdtype(a.dtype, jnp.floating) else a,
+            tree,
+        )
+
+    def fn(params, x):
+        return cast(apply_fn(cast(params, compute), cast(x, compute)), jnp.float32)
 
     return fn
 

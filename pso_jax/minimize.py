@@ -10,6 +10,15 @@
   increasing population size"): on a stall, start again with a swarm
   ``restart_growth`` times larger, keeping the best found so far.
 
+Defaults of :func:`minimize` (:func:`minimize_defaults`): with
+``variant="inertia"`` and nothing else said, it runs the von Neumann topology
+with time-varying coefficients over its ``num_steps`` (``w`` 0.9 -> 0.4, ``c1``
+2.5 -> 0.5, ``c2`` 0.5 -> 2.5: :func:`pso_jax.velocity.time_varying_coefficients`,
+Ratnaweera et al., 2004), bounded or not. :func:`pso_jax.pso` keeps its own
+defaults (global topology, constant ``w = 0.7298``, ``c1 = c2 = 1.49618``): it
+does not know the run length, and the network-training hybrid relies on them.
+Measured in ``benchmarks/results/search_quality.md`` (row "pso_jax default").
+
 Step ``i`` of a swarm always uses the key ``jax.random.fold_in(key, state.step)``,
 so a host loop, ``scan_steps``, ``run`` and a run resumed from a saved state give
 the same trajectory.
@@ -17,7 +26,9 @@ the same trajectory.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -26,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pso_jax import fitness as fitness_lib
+from pso_jax import velocity as velocity_lib
 from pso_jax.base import SwarmOptimizer
 from pso_jax.pso import PSOState, best_solution, pso, validate_hparams
 from pso_jax.tree_utils import leaf_paths
@@ -317,6 +329,98 @@ def _check_minimize_args(fitness_fn, key, num_steps, restarts, restart_growth):
     check_int("restart_growth", restart_growth, minimum=1)
 
 
+# minimize()'s defaults for variant="inertia" (see minimize_defaults). Measured
+# on the 18 cells of benchmarks/search_quality.py (6 shifted rotated functions,
+# D = 10, 30, 100, 40 particles, 10 000 D evaluations, 10 seeds): the global
+# topology with constant coefficients (pso()'s defaults) lost to the best PSO
+# peer on 6 of 18 cells; of the single factors pyswarms differs in (no velocity
+# clamp, smaller initial velocities, periodic walls) none closed the gap, and
+# periodic walls made it worse. The von Neumann topology fixed the multimodal
+# cells but was slow on Rosenbrock. Von Neumann + TVAC: at least as good on 16
+# of 18 (12 significant wins, no significant loss); behind on Rosenbrock D=10
+# (0.76 vs pyswarms' 0.50, p = 0.14) and Ackley D=10 (2e-6 vs 0: float32 noise).
+DEFAULT_TOPOLOGY = "von_neumann"
+_COEFFICIENTS = ("inertia", "cognitive", "social")
+
+
+def minimize_defaults(
+    num_steps: int,
+    *,
+    variant: str = "inertia",
+    topology: str | None = None,
+    hparams: Any = None,
+    **pso_kwargs: Any,
+) -> dict:
+    """The :func:`~pso_jax.pso.pso` arguments :func:`minimize` adds by default.
+
+    For ``variant="inertia"`` only (the other variants keep their own
+    defaults): ``topology=DEFAULT_TOPOLOGY`` unless one is given, and the
+    :func:`~pso_jax.velocity.time_varying_coefficients` of a ``num_steps`` run
+    unless ``hparams`` or any of ``inertia``, ``cognitive``, ``social`` is
+    given (then none of the three is scheduled).
+
+    Args:
+      num_steps: the run's length in steps (the schedules' span).
+      variant, topology, hparams, **pso_kwargs: as given to :func:`minimize`.
+
+    Returns:
+      ``{"topology": ..., "inertia": fn, "cognitive": fn, "social": fn}``, or
+      a subset (empty when nothing is added).
+
+    >>> sorted(minimize_defaults(100))
+    ['cognitive', 'inertia', 'social', 'topology']
+    >>> minimize_defaults(100, topology="ring", inertia=0.5)
+    {}
+    >>> minimize_defaults(100, variant="cso")
+    {}
+    """
+    if variant != "inertia":
+        return {}
+    out: dict[str, Any] = {}
+    if topology is None:
+        out["topology"] = DEFAULT_TOPOLOGY
+    if hparams is None and not any(k in pso_kwargs for k in _COEFFICIENTS):
+        out.update(velocity_lib.time_varying_coefficients(num_steps))
+    return out
+
+
+@contextlib.contextmanager
+def _quiet(scheduled: bool):
+    """Silence the stability warning for the default schedules only.
+
+    TVAC starts outside the order-2 region on purpose (see
+    :func:`~pso_jax.velocity.time_varying_coefficients`).
+    """
+    with warnings.catch_warnings():
+        if scheduled:
+            warnings.simplefilter("ignore", velocity_lib.PSOConvergenceWarning)
+        yield
+
+
+def _build(fit, size, num_steps, settings, kw):
+    """The swarm of one :func:`minimize` attempt (``num_steps`` long), and
+    whether its coefficients are the default schedules.
+
+    ``settings``: ``(variant, topology, bounds, maximize, hparams)``.
+    """
+    variant, topology, bounds, maximize, hparams = settings
+    defaults = minimize_defaults(
+        num_steps, variant=variant, topology=topology, hparams=hparams, **kw
+    )
+    args = dict(topology=topology, **kw) | defaults
+    scheduled = "inertia" in defaults
+    with _quiet(scheduled):
+        opt = pso(
+            fit,
+            num_particles=size,
+            variant=variant,
+            bounds=bounds,
+            maximize=maximize,
+            **args,
+        )
+    return opt, scheduled
+
+
 def minimize(
     fitness_fn: Callable[[PyTree], jax.Array],
     init_or_bounds: Any,
@@ -347,14 +451,21 @@ def minimize(
       num_particles: swarm size (of the first run, with restarts).
       num_steps: total step budget, across restarts.
       num_dims: dimension, when the bounds are scalars.
-      variant, topology: see :func:`~pso_jax.pso.pso`.
+      variant, topology: see :func:`~pso_jax.pso.pso`. Unlike ``pso()``, with
+        ``variant="inertia"`` the default topology is ``"von_neumann"`` and
+        the coefficients follow TVAC over the run (see
+        :func:`minimize_defaults`; an attempt after a restart schedules them
+        over the steps left).
       target_fitness: stop once the best reaches it.
       ftol, patience: stop (or restart) after ``patience`` steps in which the
         best improved by no more than ``ftol``.
       restarts: IPOP restarts allowed on a stall (needs ``patience``).
       restart_growth: swarm size factor per restart.
       maximize: maximise instead.
-      hparams: a ``PSOHyperParams``; default: the variant's.
+      hparams: a ``PSOHyperParams``; default: the variant's (for
+        ``"inertia"``, scheduled as :func:`minimize_defaults` says). Giving
+        ``hparams``, or ``inertia``/``cognitive``/``social`` in
+        ``pso_kwargs``, turns the schedules off.
       **pso_kwargs: other arguments of :func:`~pso_jax.pso.pso` (bound handling,
         velocity clamp, hyperparameter overrides, ...). ``mesh=`` (from
         :func:`pso_jax.sharding.make_mesh`) shards the swarm over devices, with
@@ -396,18 +507,17 @@ def minimize(
     steps_left, steps_done, evals, size = num_steps, 0, 0, num_particles
     reason, restarts_done, state = "max_steps", 0, None
     for attempt in range(restarts + 1):
-        opt = pso(
+        opt, scheduled = _build(
             fit,
-            num_particles=size,
-            variant=variant,
-            topology=topology,
-            bounds=bounds,
-            maximize=maximize,
-            **pso_kwargs,
+            size,
+            steps_left,
+            (variant, topology, bounds, maximize, hparams),
+            pso_kwargs,
         )
         hp = opt.default_hparams if hparams is None else hparams
         key_run = jax.random.fold_in(key, attempt)
-        state = jax.jit(opt.init)(key_run, template, hp)
+        with _quiet(scheduled):
+            state = jax.jit(opt.init)(key_run, template, hp)
 
         def go(k, st, h, target, tol, _opt=opt, _n=steps_left):
             return run(
@@ -425,7 +535,9 @@ def minimize(
         target = jnp.float32(
             -sign * math.inf if target_fitness is None else target_fitness
         )
-        state, info = jax.jit(go, donate_argnums=1)(key_run, state, hp, target, ftol)
+        with _quiet(scheduled):
+            run_fn = jax.jit(go, donate_argnums=1)
+            state, info = run_fn(key_run, state, hp, target, ftol)
         n = int(info.num_steps)
         hist = np.asarray(info.history[:n])
         f_run = float(state.best_fitness)

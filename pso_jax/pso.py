@@ -1505,7 +1505,10 @@ def pso(
       variant: one of :data:`VARIANTS` (see the module docstring).
       topology: one of ``topology.TOPOLOGIES``; default ``"random"`` for
         ``spso2011`` and ``"global"`` otherwise. ``cso`` and ``clpso`` support
-        ``"global"``.
+        ``"global"``. (:func:`pso_jax.minimize` defaults differently: von
+        Neumann with time-varying coefficients, see
+        :func:`pso_jax.minimize.minimize_defaults`; ``pso()``'s own defaults,
+        which the network-training hybrid relies on, are unchanged.)
       ring_neighbors: ``k`` of the ring topology (``2k + 1`` particles with self).
       num_informants: ``K`` of the random topology.
       random_factors: ``"per_dimension"`` (one ``r1, r2`` per coordinate, the

@@ -220,6 +220,14 @@ def _check_options(local_steps, best_refresh, age_rate) -> None:
         raise ValueError(f"age_rate={age_rate!r}: must be a finite number >= 0")
 
 
+def _check_recenter(recenter_fn, recenter_every) -> None:
+    every = recenter_every
+    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+        raise ValueError(f"recenter_every={every!r}: expected an int >= 0")
+    if every and recenter_fn is None:
+        raise ValueError(f"recenter_every={every} needs a recenter_fn")
+
+
 def _on_data_slices(fitness, grad_loss, axis):
     """Fitness and loss over a batch split on the data axis (identity without).
 
@@ -431,6 +439,8 @@ def make_train_step(
     exploit_fraction: float = 0.25,
     explore_factors: tuple[float, ...] = (0.8, 1.25),
     hparam_move: str = "exploit",
+    recenter_fn: Callable[[PSOState], PSOState] | None = None,
+    recenter_every: int = 0,
 ) -> Trainer:
     """Build the fused swarm train step for a classifier.
 
@@ -487,6 +497,9 @@ def make_train_step(
         hyperparameters by PSO on their logarithms towards its own best and
         the swarm's best (:func:`pso_jax.population.move_hparams`), every
         particle keeping its weights; ``"both"``: the exploit, then that move.
+      recenter_fn, recenter_every: every ``recenter_every`` steps (0: never),
+        after the move, ``recenter_fn(swarm) -> swarm``, e.g.
+        :func:`pso_jax.particle_space.recenter` (sees the device's particles).
 
     Returns:
       A :class:`Trainer`. Sharded, its ``init``, ``step`` and ``scan`` take and
@@ -500,6 +513,7 @@ def make_train_step(
     """
     fitness_fn, maximize = _fitness_and_direction(fitness, optimizer)
     _check_options(local_steps, best_refresh, age_rate)
+    _check_recenter(recenter_fn, recenter_every)
     mesh = getattr(optimizer, "mesh", None)
     swarm_opt = optimizer if mesh is None else optimizer.local
     axis = swarm_opt.config.axis
@@ -532,6 +546,7 @@ def make_train_step(
         hparam_move=hparam_move,
         hparam_ranges=tuple(sorted(grad_hparams.items())),
         keys=(video_key, label_key),
+        recenter=(recenter_every, recenter_fn),
     )
 
     def init(key: PRNGKey, params_template: PyTree, hparams: Any = None) -> TrainState:
@@ -573,6 +588,7 @@ class _StepParts:
     hparam_move: str  # "exploit", "pso" or "both"
     hparam_ranges: tuple  # ((name, (low, high)), ...) of grad_hparams
     keys: tuple[str, str]  # video, label
+    recenter: tuple[int, Callable | None]  # every, fn
 
 
 def _train_step(parts: _StepParts, key, state: TrainState, batch: dict, hparams=None):
@@ -610,6 +626,11 @@ def _train_step(parts: _StepParts, key, state: TrainState, batch: dict, hparams=
         swarm_opt, swarm, parts.best_refresh, parts.age_rate, evaluate_stack
     )
     swarm, info = swarm_opt.tell(key_tell, swarm, fit, hparams)
+    recenter_every, recenter_fn = parts.recenter
+    if recenter_every:
+        swarm = jax.lax.cond(
+            swarm.step % recenter_every == 0, recenter_fn, lambda s: s, swarm
+        )
     state = state.replace(swarm=swarm, opt_state=opt_state)
     replaced = axis.own_rows() < 0  # all False (typed per particle when sharded)
     every, fraction, factors = parts.exploit

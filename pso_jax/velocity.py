@@ -13,6 +13,10 @@ particle, or broadcastable): the random factors are drawn by the caller
   that picks each coordinate's exemplar (the particle whose personal best it
   learns from).
 - :func:`finish`: shared by all: clamp the velocity, move, enforce the bounds.
+- Schedules (``step -> value`` functions, for ``pso(inertia=..., ...)``):
+  :func:`time_varying_coefficients` (optax linear schedules), the linearly
+  decreasing inertia with time-varying acceleration coefficients that
+  :func:`pso_jax.minimize` uses by default.
 
 - Inertia weight: Shi & Eberhart (1998), "A modified particle swarm optimizer".
   ``v <- w v + c1 r1 (p - x) + c2 r2 (n - x)``.
@@ -28,6 +32,12 @@ particle, or broadcastable): the random factors are drawn by the caller
   x_d)``: each coordinate ``d`` of particle ``i`` follows the personal best of
   its exemplar ``f_i(d)``, itself with probability ``1 - Pc_i``, else the
   winner of a tournament between two other particles.
+- Time-varying acceleration coefficients (TVAC): Ratnaweera, Halgamuge &
+  Watson (2004), "Self-organizing hierarchical particle swarm optimizer with
+  time-varying acceleration coefficients", IEEE TEC 8(3): ``c1`` falls from
+  2.5 to 0.5 and ``c2`` rises from 0.5 to 2.5 over the run, with the inertia
+  falling linearly from 0.9 to 0.4 (Shi & Eberhart, 1999, "Empirical study of
+  particle swarm optimization"): explore first, converge at the end.
 - Order-2 stability region: Poli (2009), "Mean and variance of the sampling
   distribution of particle swarm optimizers during stagnation":
   ``|w| < 1`` and ``c1 + c2 < 24 (1 - w^2) / (7 - 5 w)``.
@@ -39,6 +49,7 @@ import warnings
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from pso_jax import bounds as bounds_lib
 
@@ -276,3 +287,31 @@ def finish(x, v_new, vmax, low, high, handling, u=None):
     if low is not None:
         x_new, v_new = bounds_lib.apply(handling, x_new, v_new, low, high, u)
     return x_new.astype(x.dtype), v_new.astype(x.dtype)
+
+
+# (start, end) of each coefficient under TVAC (Ratnaweera et al., 2004), with
+# the linearly decreasing inertia of Shi & Eberhart (1999).
+TVAC = {"inertia": (0.9, 0.4), "cognitive": (2.5, 0.5), "social": (0.5, 2.5)}
+
+
+def time_varying_coefficients(num_steps: int) -> dict:
+    """``w``, ``c1``, ``c2`` schedules of TVAC over a run of ``num_steps`` steps.
+
+    ``w`` falls 0.9 -> 0.4, ``c1`` 2.5 -> 0.5, ``c2`` rises 0.5 -> 2.5
+    (:data:`TVAC`). The start lies outside the order-2 stability region on
+    purpose (a widely exploring swarm); from about a quarter of the run on it is
+    inside, and the run ends with a strong pull to the neighbourhood best.
+
+    Returns:
+      ``{"inertia": fn, "cognitive": fn, "social": fn}``, to pass as
+      ``pso(..., **time_varying_coefficients(n))``.
+
+    >>> sched = time_varying_coefficients(1000)
+    >>> [round(float(sched[k](1000)), 3) for k in ("inertia", "cognitive", "social")]
+    [0.4, 0.5, 2.5]
+    """
+    if int(num_steps) < 1:
+        raise ValueError(f"num_steps={num_steps!r}: expected an int >= 1")
+    return {
+        k: optax.linear_schedule(a, b, int(num_steps)) for k, (a, b) in TVAC.items()
+    }

@@ -469,6 +469,35 @@ def check_train(out: dict) -> None:
                 "diversity": _rel_diff(want[1].diversity, got[1].diversity),
                 "rows_per_shard": _rows(got[0].swarm.positions["Conv_0"]["kernel"]),
             }
+    _check_train_subspace(out, apply_fn, params, batch)
+
+
+def _check_train_subspace(out: dict, apply_fn, params, batch) -> None:
+    """Subspace particles re-centred every step (the base moves in the
+    replicated frozen leaves, from the global best) on 4 devices."""
+    import pso_jax
+    from pso_jax import particle_space, sharding, train
+
+    space = particle_space.subspace(8)
+    tree = space.template(params)
+    kw = dict(
+        recenter_fn=lambda s: particle_space.recenter(space, s, redraw=True),
+        recenter_every=1,
+    )
+    ref = pso_jax.pso(num_particles=NUM_PARTICLES, mask=space.mask(tree))
+    hp = ref.default_hparams
+    apply_tree = space.wrap(apply_fn)
+    want = _train_run(train.make_train_step(apply_tree, ref, **kw), tree, batch, hp)
+    mesh = sharding.make_mesh(4)
+    opt = pso_jax.pso(num_particles=NUM_PARTICLES, mask=space.mask(tree), mesh=mesh)
+    got = _train_run(train.make_train_step(apply_tree, opt, **kw), tree, batch, hp)
+    out["train/subspace-recenter/4x1"] = {
+        "state": _compare(want[0], got[0]),
+        "metrics": _compare(_no_diversity(want[1]), _no_diversity(got[1])),
+        "diversity": _rel_diff(want[1].diversity, got[1].diversity),
+        "rows_per_shard": _rows(got[0].swarm.positions["coords"]["z"]),
+        "epoch": int(got[0].swarm.frozen_params["base"]["epoch"]),
+    }
 
 
 def check_checkpoint(out: dict, tmp: str) -> None:

@@ -223,6 +223,7 @@ def test_head_only_swarm_keeps_the_backbone_shared(data_dir, tmp_path):
         ({"bogus": 1}, "bogus"),
         ({"patch": (2, 0, 4)}, r"patch=\(2, 0, 4\)"),
         ({"patch": (2, 4)}, r"patch=\(2, 4\)"),
+        ({"dtype": "float16"}, "dtype='float16'"),
     ],
 )
 def test_bad_configs_name_the_value(override, match):

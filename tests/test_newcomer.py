@@ -288,6 +288,22 @@ def test_plain_progress_lines_without_a_terminal(capsys):
     assert lines[0] == ("pso-jax: step 10/100: best 2 mean -, 0.5 s/step, ETA 00:00:45")
 
 
+def test_progress_bar_counts_the_evaluations_that_ran(monkeypatch):
+    # 5 steps of 4 particles, then 5 of 1 (after a narrowing) in 10 s: 2.5/s.
+    from pso_jax.experiment import report
+
+    clock = {"t": 0.0}
+    monkeypatch.setattr(report.time, "perf_counter", lambda: clock["t"])
+    bar = _Progress(True, 10, 0, 4)
+    bar.plain = False  # the rich bar, as on a terminal
+    with bar as update:
+        for step in range(1, 11):
+            clock["t"] = float(step)
+            ran = 4 if step <= 5 else 1
+            update(step, {"best_fitness": 2.0, "mean_fitness": 2.5}, 1.0, ran)
+        assert bar.progress.tasks[0].fields["rate"] == "2.5"
+
+
 def test_run_prints_its_phases_and_times_compile_apart(data_dir, tmp_path, capsys):
     workdir = tmp_path / "run"
     argv = ["train", "--config", "smoke", "--data-dir", data_dir, "--steps", "3"]

@@ -226,7 +226,15 @@ def test_data_axis_splits_the_batch(runs):
 
 @pytest.mark.parametrize(
     "case",
-    ["pure/2x1", "pure/4x1", "pure/8x1", "pure/4x2", "hybrid-macro_f1/4x2", "pbt/4x1"],
+    [
+        "pure/2x1",
+        "pure/4x1",
+        "pure/8x1",
+        "pure/4x2",
+        "hybrid-macro_f1/4x2",
+        "pbt/4x1",
+        "subspace-recenter/4x1",
+    ],
 )
 def test_video_train_step_equals_unsharded(runs, case):
     r = _results(runs, "train")[f"train/{case}"]
@@ -237,6 +245,8 @@ def test_video_train_step_equals_unsharded(runs, case):
     tol = 1e-6 if data == 1 else 1e-5
     assert r["state"]["max_abs_diff"] < tol and r["metrics"]["max_abs_diff"] < tol
     assert r["diversity"] < 1e-5
+    if case.startswith("subspace"):
+        assert r["epoch"] == 2  # re-centred after each of the 2 steps
 
 
 def test_checkpoint_saved_on_8_devices_restores_on_2(runs):

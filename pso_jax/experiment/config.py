@@ -25,7 +25,9 @@ from typing import Any
 import jax
 
 from pso_jax import sharding
+from pso_jax.flax_utils import COMPUTE_DTYPES
 from pso_jax.models import MODELS, STEMS
+from pso_jax.particle_space import PARTICLE_SPACES
 from pso_jax.population import check_ranges
 from pso_jax.pso import VARIANTS
 from pso_jax.topology import TOPOLOGIES
@@ -62,7 +64,16 @@ RESUME_MAY_CHANGE = (
 
 # Fields added after config.json files were written: a file without one reads
 # it as its default, which rebuilds the same run.
-_LATER_FIELDS = {"schedule_steps": None, "hparam_move": "exploit", "narrow_at": ()}
+_LATER_FIELDS = {
+    "schedule_steps": None,
+    "hparam_move": "exploit",
+    "narrow_at": (),
+    "particle_space": "full",
+    "rank": 1,
+    "subspace_dim": 256,
+    "recenter_every": 0,
+    "dtype": "float32",
+}
 
 
 class ConfigError(ValueError):
@@ -173,6 +184,19 @@ class TrainConfig:
         :func:`pso_jax.flax_utils.save_params` to start every particle from.
       swarm_over: ``"all"`` parameters, or only the ``"head"`` (the rest frozen,
         stored once, not per particle; needs ``pretrained``).
+      particle_space: what a particle is (:mod:`pso_jax.particle_space`):
+        ``"full"`` (a whole model), ``"lowrank"`` (rank-``rank`` factors per
+        kernel around one shared base model) or ``"subspace"`` (``subspace_dim``
+        coordinates of a random subspace through the base).
+      rank, subspace_dim: of ``lowrank`` and ``subspace``.
+      recenter_every: ``subspace`` only: every this many steps the swarm's best
+        becomes the base and a fresh random subspace is drawn through it
+        (:func:`pso_jax.particle_space.recenter` with ``redraw=True``); 0: never.
+      dtype: the models' compute dtype, ``"float32"`` or ``"bfloat16"``
+        (mixed precision: the forward and backward passes in bfloat16, the
+        swarm state, personal bests and Adam's moments in float32;
+        :func:`pso_jax.flax_utils.with_compute_dtype`). What every GPU/TPU
+        user sets first; on a CPU bfloat16 is emulated and slower.
       seed: the run's seed.
     """
 
@@ -217,6 +241,11 @@ class TrainConfig:
     top_k: int = 4
     pretrained: str | None = None
     swarm_over: str = "all"
+    particle_space: str = "full"
+    rank: int = 1
+    subspace_dim: int = 256
+    recenter_every: int = 0
+    dtype: str = "float32"
     seed: int = 0
 
     def __post_init__(self):
@@ -417,6 +446,8 @@ def _validate_sizes(cfg: TrainConfig) -> None:
     for name in ("width", "particles", "steps", "batch_size", "steps_per_call"):
         _check_int(cfg, name, 1)
     _check_int(cfg, "top_k", 1)
+    for name in ("rank", "subspace_dim"):
+        _check_int(cfg, name, 1)
     for name in ("local_steps", "eval_every", "checkpoint_every"):
         _check_int(cfg, name, 0)
     _check_int(cfg, "num_frames", 1, optional=True)
@@ -444,6 +475,8 @@ def _validate_choices(cfg: TrainConfig) -> None:
         ("best_refresh", BEST_REFRESH),
         ("init", ("independent", "perturb")),
         ("swarm_over", ("all", "head")),
+        ("particle_space", PARTICLE_SPACES),
+        ("dtype", COMPUTE_DTYPES),
         ("lr_schedule", ("cosine", "constant")),
     ):
         value = getattr(cfg, name)
@@ -522,6 +555,24 @@ def _validate_population(cfg: TrainConfig) -> None:
         raise ConfigError("select_on", cfg.select_on, "choose from ('batch', 'next')")
     _check_number(cfg, "time_budget", low=0.0, above=True, optional=True)  # seconds
     _validate_narrowing(cfg)
+    _check_int(cfg, "recenter_every", 0)
+    if cfg.particle_space != "full":
+        needs = (("swarm_over", cfg.swarm_over, "all"), ("init", cfg.init, "perturb"))
+        for name, value, fine in needs:
+            if value != fine:
+                raise ConfigError(
+                    name,
+                    value,
+                    f"particle_space={cfg.particle_space!r} needs {name}={fine!r} "
+                    "(its particles are coordinates around one base model)",
+                )
+    if cfg.recenter_every and cfg.particle_space != "subspace":
+        raise ConfigError(
+            "recenter_every",
+            cfg.recenter_every,
+            f"needs particle_space='subspace' (got {cfg.particle_space!r}: only a "
+            "subspace re-centres exactly)",
+        )
 
 
 def _validate_narrowing(cfg: TrainConfig) -> None:

@@ -380,7 +380,10 @@ def _train_loop(
     every = cfg.checkpoint_every
     if every:
         every = -(-every // k) * k  # checkpoints fall on multiples of k
-    val_source = _source(cfg, "validation") if cfg.eval_every else None
+    # Every run reads validation (evaluations, narrowings, the final choice of
+    # the returned model): a dataset without that split fails here, not after
+    # training.
+    val_source = _source(cfg, "validation")
     elite = _Elite(workdir)
     clock.t_loop, clock.loop_start = time.perf_counter(), start
     step, stop = start, _stop_signal(interrupt)
@@ -402,14 +405,20 @@ def _train_loop(
             step += n
             if cfg.eval_every and (step % cfg.eval_every < n or step == cfg.steps):
                 res, _ = _evaluate(run, state, val_source, top_k=1)
-                elite.offer(run.eval_state(state, 1), res.accuracy, step)
+                elite.offer(
+                    run.eval_state(state, 1),
+                    res.accuracy,
+                    step,
+                    whole=bool(run.cfg.recenter_every),
+                )
                 record = {"step": step, "val_accuracy": res.accuracy}
                 log.write(_json_text(record) + "\n")
+            ran = run.particles  # the swarm these steps ran with
             if run.particles != particles_at(cfg, step):
                 run, state = _narrow(run, state, step, log, clock, compiled)
                 checkpoints.run = run
             log.flush()
-            bar(step, records[-1], clock.step_seconds)
+            bar(step, records[-1], clock.step_seconds, ran)
             if every and step % every == 0:
                 checkpoints.save(state, step, wall, interrupt)
             if on_step is not None:

@@ -51,7 +51,7 @@ class _Progress:
         last = {"t": t0, "step": s0}
         every = max(1, int(self.total * PLAIN_EVERY_FRACTION))
 
-        def update(step, record, per_step=None):
+        def update(step, record, per_step=None, particles=None):
             now = time.perf_counter()
             due = now - last["t"] >= PLAIN_EVERY_SECONDS
             if not (due or step - last["step"] >= every or step == self.total):
@@ -73,7 +73,7 @@ class _Progress:
 
     def __enter__(self):
         if not self.enabled:
-            return lambda step, record, per_step=None: None
+            return lambda step, record, per_step=None, particles=None: None
         if self.plain:
             return self._plain_lines()
         self.progress = Progress(
@@ -94,11 +94,17 @@ class _Progress:
             mean="-",
             rate="-",
         )
-        t0, s0 = time.perf_counter(), self.start
+        t0 = time.perf_counter()
+        done = {"step": self.start, "evals": 0}  # particle evaluations so far
 
-        def update(step, record, per_step=None):
+        def update(step, record, per_step=None, particles=None):
+            # particles: the swarm's size for the steps since the last update
+            # (smaller after a narrowing), so evals/s counts what ran.
+            alive = self.particles if particles is None else particles
+            done["evals"] += (step - done["step"]) * alive
+            done["step"] = step
             dt = time.perf_counter() - t0
-            rate = f"{(step - s0) * self.particles / dt:.3g}" if step > s0 else "-"
+            rate = f"{done['evals'] / dt:.3g}" if done["evals"] else "-"
             self.progress.update(
                 task,
                 completed=step,

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from pso_jax import checkpoint as ckpt
-from pso_jax import flax_utils, sharding
+from pso_jax import flax_utils, particle_space, sharding
 from pso_jax.experiment.config import Parallelism, TrainConfig
 from pso_jax.experiment.input_pipeline import (
     _batch_fn,
@@ -75,13 +76,19 @@ class _Run:
         template = model.init(jax.random.key(0), dummy)["params"]
         if cfg.pretrained is not None:
             template = flax_utils.load_params(cfg.pretrained, template)
+        self.space = particle_space.make_space(
+            cfg.particle_space, rank=cfg.rank, dim=cfg.subspace_dim, seed=cfg.seed
+        )
+        template = self.space.template(template)
         self.optimizer = _make_optimizer(
-            phase, model, dummy, template, self.mesh, parallel.pad
+            phase, model, dummy, template, self.mesh, parallel.pad, self.space
         )
         # With padding, the swarm's size on the device (cfg.particles + inert).
         self.swarm_size = self.optimizer.num_particles
         data = 1 if self.mesh is None else parallel.data
-        self.trainer = _make_trainer(phase, model, self.optimizer, _batch_fn(cfg, data))
+        self.trainer = _make_trainer(
+            phase, model, self.optimizer, _batch_fn(cfg, data), self.space
+        )
         self.template = template
         trainer = self.trainer
 
@@ -158,9 +165,12 @@ def _phase_config(cfg: TrainConfig, particles: int) -> TrainConfig:
     )
 
 
-def _make_optimizer(cfg: TrainConfig, model, dummy, template, mesh, pad: bool):
-    """The run's swarm (over ``mesh`` if not ``None``) around ``template``."""
-    mask = flax_utils.head_mask(template) if cfg.swarm_over == "head" else None
+def _make_optimizer(cfg: TrainConfig, model, dummy, template, mesh, pad: bool, space):
+    """The run's swarm (over ``mesh`` if not ``None``) around ``template``
+    (``space.template`` of the model's parameters)."""
+    mask = space.mask(template)
+    if cfg.swarm_over == "head":
+        mask = flax_utils.head_mask(template)
     init_fn = None
     if cfg.init == "independent" and cfg.pretrained is None:
 
@@ -187,11 +197,21 @@ def _make_optimizer(cfg: TrainConfig, model, dummy, template, mesh, pad: bool):
     )
 
 
-def _make_trainer(cfg: TrainConfig, model, optimizer, batch_fn) -> Trainer:
+def _make_trainer(cfg: TrainConfig, model, optimizer, batch_fn, space) -> Trainer:
     """The fused train step; sharded when ``optimizer`` is (``pso(mesh=...)``)."""
 
-    def apply_fn(params, video):
+    def model_fn(params, video):
         return model.apply({"params": params}, video)
+
+    apply_fn = space.wrap(flax_utils.with_compute_dtype(model_fn, cfg.dtype))
+    recenter_fn = None
+    if cfg.recenter_every:
+        recenter_fn = functools.partial(
+            particle_space.recenter,
+            space,
+            redraw=True,
+            maximize=cfg.fitness == "macro_f1",
+        )
 
     ranges = {}
     if cfg.lr_range is not None:
@@ -210,6 +230,8 @@ def _make_trainer(cfg: TrainConfig, model, optimizer, batch_fn) -> Trainer:
         exploit_every=cfg.exploit_every,
         exploit_fraction=cfg.exploit_fraction,
         hparam_move=cfg.hparam_move,
+        recenter_fn=recenter_fn,
+        recenter_every=cfg.recenter_every,
     )
 
 

@@ -30,6 +30,7 @@ from pso_jax import flax_utils, population
 from pso_jax.experiment.config import RunFileError, _load_json
 from pso_jax.experiment.input_pipeline import _eval_batches, _source
 from pso_jax.experiment.run import _Run
+from pso_jax.pso import best_solution
 from pso_jax.train import (
     EvalResult,
     TrainState,
@@ -111,15 +112,18 @@ class _Elite:
     def val_accuracy(self) -> float:
         return -1.0 if self.meta is None else self.meta["val_accuracy"]
 
-    def offer(self, gathered: TrainState, val_accuracy: float, step: int) -> None:
-        """Keep the gathered state's best particle if it beats the elite."""
+    def offer(
+        self, gathered: TrainState, val_accuracy: float, step: int, whole: bool
+    ) -> None:
+        """Keep the gathered state's best particle if it beats the elite
+        (``whole``: with the swarm's frozen leaves, see :func:`_elite_tree`)."""
         if val_accuracy <= self.val_accuracy:
             return
         if jax.process_index() == 0:
             tmp = self.dir.with_name("elite.tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            params = jax.tree.map(np.asarray, gathered.swarm.best_params)
+            params = jax.tree.map(np.asarray, _elite_tree(gathered.swarm, whole))
             flax_utils.save_params(tmp / "params", params)
             meta = {"val_accuracy": val_accuracy, "step": step}
             # Strict JSON (an accuracy is always finite: allow_nan=False guards).
@@ -129,10 +133,17 @@ class _Elite:
         self.meta = {"val_accuracy": val_accuracy, "step": step}
 
     def params(self, template):
-        """The elite's swarmed leaves (``None`` if there is none)."""
+        """The elite's leaves (``None`` if there is none)."""
         if self.meta is None or not (self.dir / "params").exists():
             return None
         return flax_utils.load_params(self.dir / "params", template=template)
+
+
+def _elite_tree(swarm, whole: bool):
+    """What the elite stores of a swarm's best: its swarmed leaves, or with
+    ``whole`` every leaf (a swarm that re-centres changes its frozen base, so
+    the best's coordinates alone would not rebuild it later)."""
+    return best_solution(swarm) if whole else swarm.best_params
 
 
 def _soups(run: _Run, state: TrainState, picked, val) -> dict[str, Any]:
@@ -167,7 +178,8 @@ def _choose(run: _Run, state: TrainState, elite: _Elite) -> dict[str, Any]:
     val, test = _split_batches(run, "validation"), _split_batches(run, "test")
     soups = _soups(run, gathered, picked, val)
     candidates = {"best_particle": gathered.swarm.best_params}
-    elite_params = elite.params(gathered.swarm.best_params)
+    whole = bool(cfg.recenter_every)
+    elite_params = elite.params(_elite_tree(gathered.swarm, whole))
     if elite_params is not None:
         candidates["elite"] = elite_params
     candidates["greedy_soup"] = soups["greedy_soup"]

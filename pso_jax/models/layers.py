@@ -311,12 +311,16 @@ class GroupNorm(nn.Module):
         scale = self.param("scale", nn.initializers.ones, (c,))
         bias = self.param("bias", nn.initializers.zeros, (c,))
         xf = x.reshape(b, -1, c)
+        # Statistics in float32 (a no-op for float32 inputs): a bfloat16 sum
+        # over every position of a clip loses the variance.
+        x32 = xf.astype(jnp.promote_types(xf.dtype, jnp.float32))
         count = xf.shape[1] * (c // g)
-        mean = jnp.sum(xf, axis=1).reshape(b, g, -1).sum(-1) / count  # [b, g]
-        mean2 = jnp.sum(xf * xf, axis=1).reshape(b, g, -1).sum(-1) / count
+        mean = jnp.sum(x32, axis=1).reshape(b, g, -1).sum(-1) / count  # [b, g]
+        mean2 = jnp.sum(x32 * x32, axis=1).reshape(b, g, -1).sum(-1) / count
         inv = lax.rsqrt(jnp.maximum(mean2 - mean * mean, 0.0) + self.epsilon)
         a = jnp.repeat(inv, c // g, axis=1) * scale  # [b, c]
         shift = bias - jnp.repeat(mean, c // g, axis=1) * a
+        a, shift = a.astype(xf.dtype), shift.astype(xf.dtype)
         return (xf * a[:, None] + shift[:, None]).reshape(x.shape)
 
 
