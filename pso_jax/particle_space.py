@@ -60,13 +60,12 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from pso_jax import random as prandom
 from pso_jax.fitness import worst
 from pso_jax.pso import best_solution
 from pso_jax.swarm_axis import invariant
-from pso_jax.types import PyTree
+from pso_jax.types import PyTree, check_int
 
 PARTICLE_SPACES = ("full", "lowrank", "subspace")
 
@@ -133,18 +132,14 @@ def make_space(
     """
     if name not in PARTICLE_SPACES:
         raise ValueError(f"particle space {name!r}: expected one of {PARTICLE_SPACES}")
-    for field, value in (("rank", rank), ("dim", dim)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            raise ValueError(f"{field}={value!r}: expected an int >= 1")
-        if value < 1:
-            raise ValueError(f"{field}={value!r}: expected an int >= 1")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed={seed!r}: expected an int >= 0")
+    rank = check_int("rank", rank, minimum=1)
+    dim = check_int("dim", dim, minimum=1)
+    seed = check_int("seed", seed, minimum=0)
     if name == "full":
         return ParticleSpace("full", lambda p: p, lambda t: t, {})
     if name == "subspace":
-        return subspace(int(dim), seed=int(seed))
-    return lowrank(int(rank), seed=int(seed))
+        return subspace(dim, seed=seed)
+    return lowrank(rank, seed=seed)
 
 
 def _scale(leaf: jax.Array) -> jax.Array:

@@ -36,7 +36,7 @@ from pso_jax.base import SwarmOptimizer, particle_field, substate_field
 from pso_jax.fitness import score, swarm_fitness
 from pso_jax.pso import PSOState, check_step_hparams, pso, validate_hparams
 from pso_jax.tree_utils import combine, tree_where
-from pso_jax.types import PRNGKey, PyTree
+from pso_jax.types import PRNGKey, PyTree, check_int
 
 # The swarm coefficients of the gradient + swarm hybrid (what `pso-jax train
 # --config demo` uses): gentle pulls, so that the gradient steps do the descent
@@ -221,9 +221,7 @@ def _check_options(local_steps, best_refresh, age_rate) -> None:
 
 
 def _check_recenter(recenter_fn, recenter_every) -> None:
-    every = recenter_every
-    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
-        raise ValueError(f"recenter_every={every!r}: expected an int >= 0")
+    every = check_int("recenter_every", recenter_every, minimum=0)
     if every and recenter_fn is None:
         raise ValueError(f"recenter_every={every} needs a recenter_fn")
 
