@@ -5,9 +5,28 @@ swarm is a pytree with a leading particle axis, and optimizers are pairs of pure
 functions, ``init`` and ``step``, in the manner of optax and blackjax.
 """
 
-from pso_jax import fitness, flax_utils, objectives, particle_space, sharding
+from pso_jax import (
+    compress,
+    fitness,
+    flax_utils,
+    objectives,
+    particle_space,
+    sharding,
+)
 from pso_jax.base import StepInfo, SwarmOptimizer
 from pso_jax.bounds import BOUND_HANDLERS
+from pso_jax.compress import (
+    Compressed,
+    Quantized,
+    SearchResult,
+    compress_params,
+    kernel_names,
+    pack,
+    pareto_front,
+    prune,
+    quantize,
+    unpack,
+)
 from pso_jax.minimize import (
     STOP_REASONS,
     Bounds,
@@ -62,21 +81,27 @@ __all__ = [
     "Trainer",
     "VARIANTS",
     "Bounds",
+    "Compressed",
     "MinimizeResult",
     "PSOConfig",
     "PSOConvergenceWarning",
     "PSOHyperParams",
     "PSOState",
+    "Quantized",
     "RunInfo",
+    "SearchResult",
     "ShardedSwarmOptimizer",
     "StepInfo",
     "SwarmOptimizer",
     "best_solution",
+    "compress",
+    "compress_params",
     "constriction_factor",
     "evaluate",
     "fitness",
     "flax_utils",
     "in_stability_region",
+    "kernel_names",
     "hybrid_pso",
     "initialize_distributed",
     "make_mesh",
@@ -84,12 +109,17 @@ __all__ = [
     "minimize",
     "minimize_defaults",
     "objectives",
+    "pack",
+    "pareto_front",
     "particle_space",
+    "prune",
     "pso",
+    "quantize",
     "run",
     "scan_chunks",
     "scan_steps",
     "sharding",
     "step_key",
+    "unpack",
     "validate_hparams",
 ]

@@ -8,6 +8,10 @@ Subcommands:
 - ``pso-jax train``: train a swarm of 3D-conv video classifiers
   (:mod:`pso_jax.experiment`), e.g. ``pso-jax train --config demo``.
 - ``pso-jax evaluate``: re-evaluate a saved swarm (``--workdir`` of a run).
+- ``pso-jax compress``: compress a run's returned model (int8 or fewer bits per
+  weight, magnitude pruning; ``--search``: a swarm over per-layer settings and
+  its Pareto front), its test accuracy and size before and after in
+  ``summary.json`` (:mod:`pso_jax.compress`).
 - ``pso-jax demo``: the built-in demo, ``train --config demo``; ``pso-jax demo
   --rastrigin`` compares every variant on shifted and rotated Rastrigin (D=10).
 
@@ -74,6 +78,7 @@ from rich.progress import (
 )
 
 from pso_jax import compile_cache, experiment, objectives, sharding
+from pso_jax import compress as compress_lib
 from pso_jax.checkpoint import CheckpointError
 from pso_jax.experiment import loop
 from pso_jax.experiment.loop import _Interrupt
@@ -719,6 +724,51 @@ def _evaluate_cmd(args) -> int:
     return 0
 
 
+def _lambdas(text: str) -> tuple[float, ...]:
+    """``"0.03,0.1,1"`` -> ``(0.03, 0.1, 1.0)`` (``--lambdas``: each > 0, finite)."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or not all(0 < v < math.inf for v in values):
+        raise argparse.ArgumentTypeError(
+            f"expected LAM[,LAM...] (finite numbers > 0), got {text!r}"
+        )
+    return values
+
+
+def _compress_cmd(args) -> int:
+    entry = experiment.compress_workdir(
+        args.workdir,
+        bits=args.bits,
+        sparsity=args.sparsity,
+        scope=args.scope,
+        search_front=args.search,
+        lambdas=args.lambdas,
+        search_clips=args.search_clips,
+        search_particles=args.search_particles,
+        search_steps=args.search_steps,
+        seed=args.seed,
+    )
+    print(
+        f"{entry['model']}, {entry['bits']} bits, sparsity {entry['sparsity']:g}: "
+        f"test accuracy {entry['test_accuracy_before']:.4f} -> "
+        f"{entry['test_accuracy_after']:.4f}; {entry['float_bytes']} -> "
+        f"{entry['compressed_bytes']} bytes ({entry['size_ratio']:.2f}x smaller); "
+        f"wrote {args.workdir / entry['file']}, the 'compression' entry of "
+        f"{args.workdir / 'summary.json'}"
+    )
+    if args.search:
+        for row in entry["search"]["front"]:
+            print(
+                f"  front: {row['size_ratio']:6.2f}x smaller, validation "
+                f"{row['val_accuracy']:.4f}, test {row['test_accuracy']:.4f} "
+                f"({row['source']})"
+            )
+        print(f"  wrote {', '.join(entry['search']['files'])} in {args.workdir}")
+    return 0
+
+
 def _exit_codes_epilog() -> str:
     """The ``--help`` epilog: :data:`EXIT_CODES`, one wrapped entry each."""
     lines = ["exit codes:"]
@@ -797,6 +847,7 @@ def _parser() -> argparse.ArgumentParser:
         "--step", type=_nonnegative_int, default=None, help="default: newest"
     )
     _add_parallel_args(p_eval)
+    _add_compress_parser(sub, layout)
     p_demo = sub.add_parser(
         "demo",
         help="the built-in demo: train --config demo (or --rastrigin)",
@@ -819,6 +870,59 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_compress_parser(sub, layout: dict) -> None:
+    p = sub.add_parser(
+        "compress",
+        help="compress a run's returned model (int8, pruning, a per-layer search)",
+        description="Load the model a finished run returned (summary.json's "
+        "returned_model; an ensemble's best particle), quantise its kernels "
+        "(per output channel, symmetric; biases and norms stay float32) after "
+        "magnitude pruning, and measure test accuracy and size before and after: "
+        "the 'compression' entry of summary.json, the stored arrays in "
+        "compressed.npz. --search: a swarm over per-layer bits and sparsity for "
+        "each --lambdas value (fitness -validation accuracy + lambda x size "
+        "fraction), its Pareto front in compression_pareto.{json,md,png}.",
+        **layout,
+    )
+    p.add_argument("--workdir", type=Path, required=True, help="a finished run's")
+    p.add_argument(
+        "--bits",
+        type=int,
+        default=8,
+        help=f"bits per kernel weight, one of {compress_lib.BITS} (32: float32, "
+        "pruning only; default: 8)",
+    )
+    p.add_argument(
+        "--sparsity",
+        type=float,
+        default=0.0,
+        help="fraction in [0, 1) of the kernel weights to prune (default: 0)",
+    )
+    p.add_argument(
+        "--scope",
+        choices=compress_lib.SCOPES,
+        default="global",
+        help="prune the smallest weights of all kernels together, or of each",
+    )
+    p.add_argument("--search", action="store_true", help="also search per layer")
+    p.add_argument(
+        "--lambdas",
+        type=_lambdas,
+        default=(0.03, 0.1, 0.3, 1.0),
+        metavar="LAM[,LAM...]",
+        help="--search: size weights, one swarm each (default: 0.03,0.1,0.3,1)",
+    )
+    p.add_argument(
+        "--search-clips",
+        type=_positive_int,
+        default=128,
+        help="--search: validation clips each candidate is scored on",
+    )
+    p.add_argument("--search-particles", type=_positive_int, default=8)
+    p.add_argument("--search-steps", type=_positive_int, default=20)
+    p.add_argument("--seed", type=_seed, default=0, help="--search's key")
+
+
 def _dispatch(args) -> int:
     """Run the parsed command; its exit code."""
     if args.command == "minimize":
@@ -827,6 +931,8 @@ def _dispatch(args) -> int:
         return _train_cmd(args)
     if args.command == "evaluate":
         return _evaluate_cmd(args)
+    if args.command == "compress":
+        return _compress_cmd(args)
     if not args.rastrigin:
         workdir = args.workdir or Path("demo_out")
         demo_args = ["train", "--config", "demo", "--workdir", str(workdir)]

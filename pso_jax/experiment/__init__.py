@@ -80,6 +80,7 @@ the run, the loop, metrics, reports):
 ('c3d', 4, 4)
 """
 
+from pso_jax.experiment.compression import compress_workdir
 from pso_jax.experiment.config import (
     CONFIGS,
     RESUME_MAY_CHANGE,
@@ -119,6 +120,7 @@ __all__ = [
     "SecondInterrupt",
     "TrainConfig",
     "WorkdirLockedError",
+    "compress_workdir",
     "evaluate_workdir",
     "get_config",
     "lock_workdir",

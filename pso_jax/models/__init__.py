@@ -1,11 +1,12 @@
-"""Small reference 3D-conv video classifiers for swarms (tests and benchmarks).
+"""Small reference video classifiers for swarms (tests and benchmarks).
 
-Three models share one constructor, :func:`make_model`: ``"c3d"`` (3x3x3 convs),
-``"r2plus1d"`` (factorised residual blocks) and ``"x3d"`` (depthwise inverted
-bottlenecks). They take ``[B, T, H, W, C]`` float32 clips, use GroupNorm or
-LayerNorm (nothing mutable), name their last Dense ``"head"``, and lower their
-convolutions so that ``jax.vmap`` over a particle axis of the params runs
-per-particle convolutions rather than XLA's slow grouped ones (see
+Four models share one constructor, :func:`make_model`: ``"c3d"`` (3x3x3 convs),
+``"r2plus1d"`` (factorised residual blocks), ``"x3d"`` (depthwise inverted
+bottlenecks) and ``"vivit"`` (a factorised-encoder video Transformer,
+:mod:`pso_jax.models.vivit`). They take ``[B, T, H, W, C]`` float32 clips,
+use GroupNorm or LayerNorm (nothing mutable), name their last Dense ``"head"``,
+and lower their convolutions so that ``jax.vmap`` over a particle axis of the
+params runs per-particle convolutions rather than XLA's slow grouped ones (see
 :mod:`pso_jax.models.layers`).
 """
 
@@ -25,6 +26,12 @@ from pso_jax.models.layers import (
 )
 from pso_jax.models.r2plus1d import R2Plus1D, R2Plus1DBackbone, R2Plus1DBlock
 from pso_jax.models.registry import DEFAULT_MODEL, MODELS, STEMS, make_model
+from pso_jax.models.vivit import (
+    SelfAttention,
+    TransformerBlock,
+    ViViT,
+    ViViTBackbone,
+)
 from pso_jax.models.x3d import X3D, X3DBackbone, X3DBlock
 
 __all__ = [
@@ -45,7 +52,11 @@ __all__ = [
     "R2Plus1D",
     "R2Plus1DBlock",
     "Stem",
+    "SelfAttention",
+    "TransformerBlock",
     "VideoClassifier",
+    "ViViT",
+    "ViViTBackbone",
     "X3DBlock",
     "conv3d",
     "count_flops",

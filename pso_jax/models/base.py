@@ -79,6 +79,10 @@ class VideoClassifier(nn.Module):
 
     backbone: ClassVar[type[Backbone]] = Backbone
 
+    def body_fields(self) -> dict:
+        """Fields of :attr:`backbone` beyond the common ones (a subclass's own)."""
+        return {}
+
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         if x.ndim != 5:
@@ -92,6 +96,7 @@ class VideoClassifier(nn.Module):
             impl=self.impl,
             patch=self.patch,
             name="body",
+            **self.body_fields(),
         )
         if self.map_particles and self.impl == "fast":
             features = call_per_particle(self, body, x)

@@ -6,12 +6,14 @@ from pso_jax.models.base import VideoClassifier
 from pso_jax.models.c3d import C3D
 from pso_jax.models.layers import IMPLS, NORMS
 from pso_jax.models.r2plus1d import R2Plus1D
+from pso_jax.models.vivit import ViViT
 from pso_jax.models.x3d import X3D
 
 MODELS: dict[str, type[VideoClassifier]] = {
     "c3d": C3D,
     "r2plus1d": R2Plus1D,
     "x3d": X3D,
+    "vivit": ViViT,
 }
 DEFAULT_MODEL = "c3d"
 STEMS = ("tubelet", "conv")
@@ -28,7 +30,7 @@ def make_model(
     patch: tuple[int, int, int] = (2, 4, 4),
     map_particles: bool = True,
 ) -> VideoClassifier:
-    """Build a 3D-conv video classifier from :data:`MODELS` by name.
+    """Build a video classifier from :data:`MODELS` by name.
 
     The model maps clips ``[B, T, H, W, C]`` (float32, channels last) to logits
     ``[B, num_classes]``; ``model.apply({'params': p}, x)`` is the whole forward
@@ -37,7 +39,11 @@ def make_model(
     ``"head"`` (see :func:`pso_jax.flax_utils.head_mask`).
 
     Args:
-      name: a key of :data:`MODELS`: ``"c3d"``, ``"r2plus1d"`` or ``"x3d"``.
+      name: a key of :data:`MODELS`: ``"c3d"``, ``"r2plus1d"``, ``"x3d"`` (3D
+        convolutions) or ``"vivit"`` (a factorised-encoder video Transformer,
+        :mod:`pso_jax.models.vivit`: ``width`` is its token width, ``patch``
+        its tubelet, ``stem`` must be ``"tubelet"``, ``norm`` ``"group"`` or
+        ``"layer"`` is LayerNorm, ``impl`` changes nothing).
       num_classes: number of logits.
       width: channels after the stem; later stages use 2x and 4x (x3d: 8x before
         the pool). Multiples of 8 suit GroupNorm and SIMD.
