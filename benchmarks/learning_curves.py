@@ -251,8 +251,8 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--model",
         default=None,
-        help="a pso_jax.models name (default: the demo's c3d); e.g. vivit, with "
-        "--out benchmarks/results/vivit to keep it beside the c3d table",
+        help="a pso_jax.models name (default: the hybrid config's c3d); e.g. vivit, "
+        "with --out benchmarks/results/vivit to keep it beside the c3d table",
     )
     parser.add_argument("--width", type=int, default=None, help="model width")
     parser.add_argument(

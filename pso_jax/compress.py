@@ -86,6 +86,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pso_jax.minimize import Bounds, minimize
+from pso_jax.models.flops import param_count
 from pso_jax.types import PRNGKey, PyTree, check_int, check_real, is_tracer
 
 __all__ = [
@@ -193,7 +194,7 @@ def float_bytes(params: PyTree) -> int:
     >>> float_bytes({"w": jnp.ones((3, 2)), "b": jnp.ones(2)})
     32
     """
-    return 4 * sum(int(np.size(x)) for x in jax.tree.leaves(params))
+    return 4 * param_count(params)
 
 
 def _check_bits(bits: Any, num_kernels: int, *, allow_float: bool = True) -> Any:

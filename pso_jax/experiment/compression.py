@@ -19,7 +19,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from pso_jax import checkpoint as ckpt
-from pso_jax import flax_utils
 from pso_jax.compress import (
     SCOPES,
     _check_bits,
@@ -37,7 +36,6 @@ from pso_jax.experiment.loop import lock_workdir
 from pso_jax.experiment.metrics import _json_text, _write_json
 from pso_jax.experiment.run import _restore, _Run
 from pso_jax.experiment.selection import _Elite, _elite_tree, _soups, _split_batches
-from pso_jax.models import make_model
 from pso_jax.train import top_particles
 from pso_jax.tree_utils import combine
 from pso_jax.types import check_int, check_real
@@ -196,14 +194,7 @@ def compress_workdir(
         state, _ = _restore(run, ckdir)
         returned = summary.get("returned_model", "best_particle")
         params, name = _returned_params(run, state, workdir, returned)
-        model = make_model(
-            cfg.model, run.num_classes, width=cfg.width, stem=cfg.stem, patch=cfg.patch
-        )
-
-        def model_fn(p, video):
-            return model.apply({"params": p}, video)
-
-        apply_fn = flax_utils.with_compute_dtype(model_fn, cfg.dtype)
+        apply_fn = run.model_fn
         test = _accuracy_fn(apply_fn, *_stacked(_split_batches(run, "test")))
         test = jax.jit(test)
         out = compress_params(params, bits, sparsity, scope=scope)

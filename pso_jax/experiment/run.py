@@ -86,8 +86,10 @@ class _Run:
         # With padding, the swarm's size on the device (cfg.particles + inert).
         self.swarm_size = self.optimizer.num_particles
         data = 1 if self.mesh is None else parallel.data
+        # One whole model's forward pass (in cfg.dtype), on decoded params.
+        self.model_fn = _model_fn(model, cfg.dtype)
         self.trainer = _make_trainer(
-            phase, model, self.optimizer, _batch_fn(cfg, data), self.space
+            phase, self.model_fn, self.optimizer, _batch_fn(cfg, data), self.space
         )
         self.template = template
         trainer = self.trainer
@@ -197,13 +199,18 @@ def _make_optimizer(cfg: TrainConfig, model, dummy, template, mesh, pad: bool, s
     )
 
 
-def _make_trainer(cfg: TrainConfig, model, optimizer, batch_fn, space) -> Trainer:
-    """The fused train step; sharded when ``optimizer`` is (``pso(mesh=...)``)."""
+def _model_fn(model, dtype: str):
+    """``fn(params, video) -> logits``: one whole model, computing in ``dtype``."""
 
     def model_fn(params, video):
         return model.apply({"params": params}, video)
 
-    apply_fn = space.wrap(flax_utils.with_compute_dtype(model_fn, cfg.dtype))
+    return flax_utils.with_compute_dtype(model_fn, dtype)
+
+
+def _make_trainer(cfg: TrainConfig, model_fn, optimizer, batch_fn, space) -> Trainer:
+    """The fused train step; sharded when ``optimizer`` is (``pso(mesh=...)``)."""
+    apply_fn = space.wrap(model_fn)
     recenter_fn = None
     if cfg.recenter_every:
         recenter_fn = functools.partial(
