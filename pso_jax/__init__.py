@@ -11,6 +11,7 @@ from pso_jax import (
     flax_utils,
     objectives,
     particle_space,
+    pretext,
     sharding,
 )
 from pso_jax.base import StepInfo, SwarmOptimizer
@@ -112,6 +113,7 @@ __all__ = [
     "pack",
     "pareto_front",
     "particle_space",
+    "pretext",
     "prune",
     "pso",
     "quantize",

@@ -7,6 +7,9 @@ Subcommands:
   ``convergence.png`` to ``--workdir``.
 - ``pso-jax train``: train a swarm of 3D-conv video classifiers
   (:mod:`pso_jax.experiment`), e.g. ``pso-jax train --config demo``.
+- ``pso-jax pretrain``: a backbone from unlabeled clips (a self-supervised
+  pretext task, :mod:`pso_jax.pretext`: ``--objective masked|next_frame|order``),
+  written to ``--workdir``/backbone for ``pso-jax train --pretrained DIR``.
 - ``pso-jax evaluate``: re-evaluate a saved swarm (``--workdir`` of a run).
 - ``pso-jax compress``: compress a run's returned model (int8 or fewer bits per
   weight, magnitude pruning; ``--search``: a swarm over per-layer settings and
@@ -15,8 +18,9 @@ Subcommands:
 - ``pso-jax demo``: the built-in demo, ``train --config demo``; ``pso-jax demo
   --rastrigin`` compares every variant on shifted and rotated Rastrigin (D=10).
 
-``train`` and ``evaluate`` run on several devices with ``--devices N`` (the swarm
-sharded over them, :mod:`pso_jax.sharding`) and on several hosts with
+``train``, ``pretrain`` and ``evaluate`` run on several devices with
+``--devices N`` (the swarm sharded over them, :mod:`pso_jax.sharding`) and on
+several hosts with
 ``--coordinator``/``--num-processes``/``--process-id`` (or the
 ``JAX_COORDINATOR_ADDRESS``/``JAX_NUM_PROCESSES``/``JAX_PROCESS_ID`` environment
 variables, or ``--distributed-auto`` on a TPU pod slice or under SLURM/Open MPI):
@@ -87,6 +91,7 @@ from pso_jax.flax_utils import COMPUTE_DTYPES
 from pso_jax.minimize import scan_chunks
 from pso_jax.models import MODELS, STEMS
 from pso_jax.particle_space import PARTICLE_SPACES
+from pso_jax.pretext import TASKS
 from pso_jax.pso import VARIANTS, pso
 from pso_jax.topology import TOPOLOGIES
 from pso_jax.train import BEST_REFRESH, FITNESS_FNS
@@ -481,7 +486,12 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         metavar="T,H,W",
         help="tubelet size, e.g. 2,2,2 (default 2,4,4; finer sees finer motion)",
     )
-    m.add_argument("--pretrained", help="params saved with flax_utils.save_params")
+    m.add_argument(
+        "--pretrained",
+        metavar="DIR",
+        help="start from a `pso-jax pretrain` work directory's backbone (a "
+        "fresh head) or from params saved with flax_utils.save_params",
+    )
     m.add_argument("--swarm-over", choices=("all", "head"))
     m.add_argument(
         "--particle-space",
@@ -620,7 +630,7 @@ def _resume_config(args, workdir: Path) -> experiment.TrainConfig:
     given = _given_fields(args)
     path = workdir / "config.json"
     if not path.is_file():
-        return experiment.get_config(args.config or "demo", **given)
+        return experiment.get_config(_default_config(args), **given)
     saved = experiment.read_config(path)
     if args.config is not None:
         preset = experiment.CONFIGS[args.config].to_dict()
@@ -659,14 +669,26 @@ def _resume_config(args, workdir: Path) -> experiment.TrainConfig:
     return cfg
 
 
+def _default_config(args) -> str:
+    """The preset a ``train`` / ``pretrain`` command starts from."""
+    if args.config is not None:
+        return args.config
+    return "pretrain" if args.command == "pretrain" else "demo"
+
+
 def _train_cmd(args) -> int:
+    """``pso-jax train`` and ``pso-jax pretrain`` (a config with an objective)."""
     parallel = _start_processes(args)
-    config = args.config or "demo"
+    config = _default_config(args)
     workdir = args.workdir or _default_workdir(config, args.resume)
     if args.resume:
         cfg = _resume_config(args, workdir)
     else:
-        cfg = experiment.get_config(config, **_given_fields(args))
+        given = _given_fields(args)
+        if args.command == "pretrain" and experiment.CONFIGS[config].objective is None:
+            # A preset of supervised training: pretrain it on the default task.
+            given.setdefault("objective", experiment.CONFIGS["pretrain"].objective)
+        cfg = experiment.get_config(config, **given)
     summary = experiment.train(
         cfg,
         workdir,
@@ -678,12 +700,15 @@ def _train_cmd(args) -> int:
         name = signal.Signals(summary["signal"]).name
         print(
             f"pso-jax: interrupted by {name} at step {summary['steps']}; checkpoint "
-            f"saved; continue with: pso-jax train --resume --workdir {workdir}",
+            f"saved; continue with: pso-jax {args.command} --resume --workdir "
+            f"{workdir}",
             file=sys.stderr,
         )
         return 128 + summary["signal"]
     if not _is_main_process():
         return 0
+    if cfg.objective is not None:
+        return _pretrain_report(cfg, summary, workdir)
     returned = summary.get("returned_model", "best_particle")
     print(
         f"test accuracy {summary['test_accuracy']:.4f} ({returned}; top-"
@@ -703,6 +728,29 @@ def _train_cmd(args) -> int:
     return 0
 
 
+def _pretrain_report(cfg, summary: dict, workdir: Path) -> int:
+    """A pretext run's result line and how to fine-tune its backbone."""
+    acc = summary.get("test_accuracy")
+    told = "" if acc is None else f", order told right {acc:.4f}"
+    patch = ",".join(map(str, cfg.patch))
+    print(
+        f"{cfg.objective} test loss {summary['test_loss']:.4g} (the starting "
+        f"model: {summary['initial_test_loss']:.4g}, the best constant guess: "
+        f"{summary['constant_test_loss']:.4g}){told}; {summary['steps']} "
+        f"steps in {summary['wall_seconds']:.1f} s; wrote {workdir}/backbone\n"
+        f"fine-tune: pso-jax train --pretrained {workdir} --model {cfg.model} "
+        f"--width {cfg.width} --stem {cfg.stem} --patch {patch} [--swarm-over head]"
+    )
+    if not math.isfinite(summary["best_train_fitness"]):
+        print(
+            "pso-jax: error: the run diverged: no particle kept a finite loss; "
+            "lower --lr or --init-scale",
+            file=sys.stderr,
+        )
+        return 6
+    return 0
+
+
 def _evaluate_cmd(args) -> int:
     parallel = _start_processes(args)
     out = [loop.EVAL_JSON, loop.EVAL_CONFUSION]
@@ -712,10 +760,19 @@ def _evaluate_cmd(args) -> int:
     )
     if not _is_main_process():
         return 0
+    if "objective" in result:  # a pretext run: no confusion plot
+        out = out[:1]
     wrote = ", ".join(
         f"{'rewrote' if name in existed else 'wrote'} {args.workdir / name}"
         for name in out
     )
+    if "objective" in result:
+        print(
+            f"step {result['steps']}: {result['objective']} test loss "
+            f"{result['test_loss']:.4g} (the starting model: "
+            f"{result['initial_test_loss']:.4g}); {wrote}"
+        )
+        return 0
     print(
         f"step {result['steps']}: test accuracy {result['test_accuracy']:.4f}, "
         f"macro-F1 {result['test_macro_f1']:.4f}, top-{result['ensemble_size']} "
@@ -826,13 +883,44 @@ def _parser() -> argparse.ArgumentParser:
         **layout,
     )
     _add_train_args(p_train)
-    _add_parallel_args(p_train)
-    # Error messages name a bad config field by its flag (when it was given).
-    p_train.set_defaults(
-        _flags={
-            a.dest: a.option_strings[0] for a in p_train._actions if a.option_strings
-        }
+    p_train.add_argument(
+        "--label-fraction",
+        type=float,
+        metavar="F",
+        help="train on this share (0, 1] of the train split's labeled clips (a "
+        "fixed draw of --seed)",
     )
+    _add_parallel_args(p_train)
+    p_pre = sub.add_parser(
+        "pretrain",
+        help="pretrain a backbone on unlabeled clips (self-supervised)",
+        description="Train the swarm on a self-supervised pretext task of the "
+        "train split's clips (no label is read): masked-tubelet reconstruction "
+        "(masked, VideoMAE's), next-frame prediction (next_frame) or "
+        "frame-order verification (order). The flags are train's (default "
+        "preset: pretrain); writes what train writes, summary.json with the "
+        "task's test loss, and backbone/, which `pso-jax train --pretrained "
+        "DIR` fine-tunes (--swarm-over head: only a new head).",
+        **layout,
+    )
+    _add_train_args(p_pre)
+    p_pre.add_argument(
+        "--objective",
+        choices=TASKS,
+        help="the pretext task (default: the preset's; masked with a preset "
+        "of supervised training)",
+    )
+    p_pre.add_argument(
+        "--mask-ratio",
+        type=float,
+        help="masked: the share of tubelets masked, in (0, 1) (default 0.9)",
+    )
+    _add_parallel_args(p_pre)
+    # Error messages name a bad config field by its flag (when it was given).
+    for p in (p_train, p_pre):
+        p.set_defaults(
+            _flags={a.dest: a.option_strings[0] for a in p._actions if a.option_strings}
+        )
     p_eval = sub.add_parser(
         "evaluate",
         help="re-evaluate a saved swarm on the test split",
@@ -927,7 +1015,7 @@ def _dispatch(args) -> int:
     """Run the parsed command; its exit code."""
     if args.command == "minimize":
         return _minimize_cmd(args, [args.variant])
-    if args.command == "train":
+    if args.command in ("train", "pretrain"):
         return _train_cmd(args)
     if args.command == "evaluate":
         return _evaluate_cmd(args)
@@ -989,7 +1077,7 @@ def _error_message(error: BaseException, args) -> str:
 
 def _interrupted_message(command: str, signum: int) -> str:
     name = signal.Signals(signum).name
-    if command in ("train", "demo"):
+    if command in ("train", "pretrain", "demo"):
         return (
             f"pso-jax: interrupted by {name} before the run had a state to "
             "checkpoint; nothing was written"

@@ -764,13 +764,12 @@ def plot_front(
     Written atomically (a temporary file, renamed). The dicts are
     :class:`SearchResult`'s; a ``test_accuracy`` in the front's is drawn too.
     """
-    # matplotlib (~0.4 s) is imported here, not at the top, as in pso_jax.cli.
-    import matplotlib
+    # matplotlib (~0.4 s) is imported here, not at the top, as in pso_jax.cli;
+    # no pyplot: the caller's matplotlib backend is left as it was.
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     ax.scatter(
         [c["num_bytes"] / 1024 for c in candidates],
         [c["val_accuracy"] for c in candidates],
@@ -791,7 +790,6 @@ def plot_front(
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
     os.replace(tmp, path)
 
 

@@ -36,7 +36,7 @@ from pso_jax.base import SwarmOptimizer, particle_field, substate_field
 from pso_jax.fitness import score, swarm_fitness
 from pso_jax.pso import PSOState, check_step_hparams, pso, validate_hparams
 from pso_jax.tree_utils import combine, tree_where
-from pso_jax.types import PRNGKey, PyTree, check_int
+from pso_jax.types import PRNGKey, PyTree, check_int, is_real_dtype
 
 # The swarm coefficients of the gradient + swarm hybrid (what `pso-jax train
 # --config demo` uses): gentle pulls, so that the gradient steps do the descent
@@ -319,12 +319,20 @@ def _adamw(learning_rate=1e-3, weight_decay=0.0):
     return optax.adamw(learning_rate, weight_decay=weight_decay)
 
 
-def check_batch(batch, video_key: str = "video", label_key: str = "label") -> None:
+def check_batch(
+    batch,
+    video_key: str = "video",
+    label_key: str = "label",
+    *,
+    targets: bool = False,
+) -> None:
     """Raise a ``ValueError``/``TypeError`` naming what is wrong with a batch.
 
     Checks what is known while tracing (keys, dtypes, shapes), so it runs under
     ``jit`` too: a dict with ``video_key`` ``[B, ...]`` and integer
-    ``label_key`` ``[B]`` arrays, and ``select_`` entries in pairs.
+    ``label_key`` ``[B]`` arrays, and ``select_`` entries in pairs. With
+    ``targets``, the labels may instead be real-valued targets ``[B, ...]``
+    (a callable fitness's, e.g. a :mod:`pso_jax.pretext` task's).
     """
     if not isinstance(batch, Mapping):
         raise TypeError(
@@ -342,17 +350,36 @@ def check_batch(batch, video_key: str = "video", label_key: str = "label") -> No
                 "video_key=/label_key= to make_train_step for other names"
             )
         video, labels = batch[v], batch[lab]
+        vs, ls = jnp.shape(video), jnp.shape(labels)
+        if targets and not _is_class_ids(labels):
+            if not (is_real_dtype(jnp.result_type(labels)) and ls and vs):
+                raise TypeError(
+                    f"batch[{lab!r}] has dtype {jnp.result_type(labels)} and shape "
+                    f"{ls}: expected class ids [B] or real targets [B, ...]"
+                )
+            if ls[0] != vs[0]:
+                raise ValueError(
+                    f"batch[{lab!r}] has shape {ls} and batch[{v!r}] {vs}: "
+                    "expected targets [B, ...] for video [B, ...]"
+                )
+            continue
         if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
             raise TypeError(
                 f"batch[{lab!r}] has dtype {jnp.result_type(labels)}: class labels "
                 "must be integers (e.g. labels.astype(jnp.int32))"
             )
-        vs, ls = jnp.shape(video), jnp.shape(labels)
         if len(ls) != 1 or not vs or vs[0] != ls[0]:
             raise ValueError(
                 f"batch[{lab!r}] has shape {ls} and batch[{v!r}] {vs}: expected "
                 "labels [B] for video [B, ...]"
             )
+
+
+def _is_class_ids(labels) -> bool:
+    """Static: integer labels ``[B]`` (class ids, not regression targets)."""
+    return jnp.ndim(labels) == 1 and jnp.issubdtype(
+        jnp.result_type(labels), jnp.integer
+    )
 
 
 def check_labels(labels, num_classes: int, where: str) -> None:
@@ -463,7 +490,10 @@ def make_train_step(
         ``maximize`` must match the fitness), with or without ``mesh=``.
       fitness: ``"cross_entropy"``, ``"error_rate"`` (minimised), ``"macro_f1"``
         (maximised), or ``fn(logits, labels) -> ()`` (minimised unless the
-        optimizer maximises).
+        optimizer maximises); a callable's labels may be real-valued targets
+        ``[B, ...]`` instead of class ids (``batch_accuracy`` is then NaN), e.g.
+        a :class:`pso_jax.pretext.PretextTask`'s ``loss``, with its
+        :func:`~pso_jax.pretext.task_batch_fn` making them.
       local_steps: gradient steps per particle per swarm step (0 = pure PSO).
       grad_optimizer: the optax optimizer of those steps (default Adam 1e-3).
       grad_loss: the differentiable loss of those steps.
@@ -544,6 +574,7 @@ def make_train_step(
         hparam_move=hparam_move,
         hparam_ranges=tuple(sorted(grad_hparams.items())),
         keys=(video_key, label_key),
+        targets=callable(fitness),
         recenter=(recenter_every, recenter_fn),
     )
 
@@ -586,6 +617,7 @@ class _StepParts:
     hparam_move: str  # "exploit", "pso" or "both"
     hparam_ranges: tuple  # ((name, (low, high)), ...) of grad_hparams
     keys: tuple[str, str]  # video, label
+    targets: bool  # labels may be real targets [B, ...] (a callable fitness)
     recenter: tuple[int, Callable | None]  # every, fn
 
 
@@ -596,12 +628,13 @@ def _train_step(parts: _StepParts, key, state: TrainState, batch: dict, hparams=
         hparams = swarm_opt.default_hparams
     if key is None:
         key = step_key(state)
-    check_batch(batch, *parts.keys)
     swarm = state.swarm
     key_tell = key
     if parts.batch_fn is not None:
+        # Checked after: a batch_fn may make the labels (a pretext task's).
         key_tell, key_batch = jax.random.split(key)
         batch = parts.batch_fn(key_batch, batch)
+    check_batch(batch, *parts.keys, targets=parts.targets)
     opt_state = state.opt_state
     grad_losses = jnp.zeros((axis.local_size,), jnp.float32)
     if parts.local_sgd is not None:
@@ -742,8 +775,11 @@ def _exploit(key, axis, state, info, maximize, fraction, factors):
 def _metrics(axis, maximize, info, logits, labels, grad_losses, swarm, replaced):
     """This step's metrics: the batch's best particle (over the whole swarm)."""
     positions, best = swarm.positions, swarm.best_params
-    correct = jnp.argmax(logits, -1) == labels  # [n, B]
-    accuracy = axis.data_mean(jnp.mean(correct, axis=1))
+    if _is_class_ids(labels):
+        correct = jnp.argmax(logits, -1) == labels  # [n, B]
+        accuracy = axis.data_mean(jnp.mean(correct, axis=1))
+    else:  # regression targets: no accuracy
+        accuracy = jnp.full(logits.shape[:1], jnp.nan, jnp.float32)
     _, (best_fit, best_acc) = axis.argmin(
         score(info.fitness, maximize), (info.fitness, accuracy)
     )

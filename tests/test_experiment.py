@@ -251,3 +251,23 @@ def test_cli_bad_patch_is_a_usage_error(capsys):
     with pytest.raises(SystemExit):
         cli.main(["train", "--config", "smoke", "--patch", "2,x,2"])
     assert "expected T,H,W" in capsys.readouterr().err
+
+
+def test_plots_leave_the_callers_matplotlib_backend_alone(tmp_path):
+    # A notebook's inline backend must survive a run's plots (they used to
+    # switch the whole process to Agg, after which plt.show() showed nothing).
+    import matplotlib
+
+    from pso_jax.experiment.report import _plot_confusion
+    from pso_jax.train import EvalResult
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")  # a backend the plots do not use themselves
+    try:
+        cm = np.eye(3, dtype=np.int64) * 5
+        result = EvalResult(1.0, 1.0, [1.0] * 3, cm.tolist())
+        _plot_confusion(result, tmp_path / "cm.png", ["a", "b", "c"])
+        assert (tmp_path / "cm.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)

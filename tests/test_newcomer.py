@@ -377,9 +377,15 @@ def test_offline_dataset_error_names_flags_and_files(tmp_path, monkeypatch, caps
 def test_convergence_plot_says_what_its_lines_are(tmp_path, monkeypatch):
     from pso_jax.experiment import report
 
-    plt = report._pyplot()
     figures = []
-    monkeypatch.setattr(plt, "close", figures.append)
+    real = report._figure
+
+    def recorded(figsize):
+        fig, ax = real(figsize)
+        figures.append(fig)
+        return fig, ax
+
+    monkeypatch.setattr(report, "_figure", recorded)
     records = [
         {"step": s, "best_fitness": 2.0 / s, "mean_fitness": 2.5 / s}
         for s in range(1, 4)

@@ -26,8 +26,8 @@ def _read(name: str):
     return nbformat.read(NOTEBOOK_DIR / name, as_version=4)
 
 
-def test_all_four_notebooks_are_there():
-    assert [n[:3] for n in NOTEBOOKS] == ["01_", "02_", "03_", "04_"], NOTEBOOKS
+def test_all_five_notebooks_are_there():
+    assert [n[:3] for n in NOTEBOOKS] == ["01_", "02_", "03_", "04_", "05_"], NOTEBOOKS
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)

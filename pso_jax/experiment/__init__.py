@@ -9,6 +9,12 @@ evaluating on the test split the best particle and the top-k ensemble (with
 validation on: the candidate that wins on validation among the best particle,
 the elite, the weight soups and the ensemble).
 
+Self-supervised pretraining (``objective``, ``pso-jax pretrain``): the same
+loop on a pretext task of the train split's clips (:mod:`pso_jax.pretext`; no
+label is read), the task's loss as fitness and gradient loss; the run ends by
+writing ``backbone/``, which a later run's ``pretrained`` fine-tunes (whole, or
+``swarm_over="head"``), on all or a ``label_fraction`` of the labels.
+
 Successive halving (``narrow_at``, ``pso-jax train --narrow-at 40:1``): after
 a step of the list, the particles best on validation go on alone and the loop
 continues with their smaller swarm (its own compiled step; checkpoints after
@@ -36,7 +42,10 @@ Work directory::
                        RESUME_MAY_CHANGE's fields, written back)
     metrics.jsonl      one record per step (and per validation)
     checkpoints/<s>/   orbax checkpoints of the full TrainState
-    summary.json       test metrics, timings, throughput (atomic)
+    summary.json       test metrics, timings, throughput (atomic); a
+                       pretext run's: its task's test loss, start and end
+    backbone/          a pretext run's returned backbone (orbax), for
+                       pretrained=
     elite/             with validation: the best model it saw (kept on resume)
     convergence.png    best / mean fitness and validation accuracy vs step
     confusion.png      the best particle's test confusion matrix
@@ -74,6 +83,9 @@ the run, the loop, metrics, reports):
   particles that survive a narrowing, the elite (back-off), soups, ensemble,
   chosen on validation.
 - :mod:`~pso_jax.experiment.report`: the progress bar and the plots.
+- :mod:`~pso_jax.experiment.pretraining` and
+  :mod:`~pso_jax.experiment.pretrained`: a pretext run's evaluations and
+  ``backbone/``; ``pretrained`` read back and checked against the model.
 
 >>> cfg = get_config("smoke", steps=4)
 >>> cfg.model, cfg.particles, cfg.steps

@@ -29,6 +29,7 @@ from pso_jax.flax_utils import COMPUTE_DTYPES
 from pso_jax.models import MODELS, STEMS
 from pso_jax.particle_space import PARTICLE_SPACES
 from pso_jax.population import check_ranges
+from pso_jax.pretext import TASKS
 from pso_jax.pso import VARIANTS
 from pso_jax.topology import TOPOLOGIES
 from pso_jax.train import BEST_REFRESH, FITNESS_FNS
@@ -73,6 +74,9 @@ _LATER_FIELDS = {
     "subspace_dim": 256,
     "recenter_every": 0,
     "dtype": "float32",
+    "objective": None,
+    "mask_ratio": 0.9,
+    "label_fraction": 1.0,
 }
 
 
@@ -180,8 +184,10 @@ class TrainConfig:
       checkpoint_every: checkpoint every this many steps (0: only at the end);
         rounded up to a multiple of ``steps_per_call``.
       top_k: size of the evaluated ensemble of the best particles.
-      pretrained: path of params saved with
-        :func:`pso_jax.flax_utils.save_params` to start every particle from.
+      pretrained: what every particle starts from: a ``pso-jax pretrain``
+        work directory (its ``backbone/``, checked to be of this run's
+        ``model``, ``width``, ``stem`` and ``patch``; a fresh head) or params
+        of the whole model saved with :func:`pso_jax.flax_utils.save_params`.
       swarm_over: ``"all"`` parameters, or only the ``"head"`` (the rest frozen,
         stored once, not per particle; needs ``pretrained``).
       particle_space: what a particle is (:mod:`pso_jax.particle_space`):
@@ -197,6 +203,15 @@ class TrainConfig:
         swarm state, personal bests and Adam's moments in float32;
         :func:`pso_jax.flax_utils.with_compute_dtype`). What every GPU/TPU
         user sets first; on a CPU bfloat16 is emulated and slower.
+      objective: ``None``: learn the labels (``pso-jax train``); or a
+        self-supervised pretext task of :mod:`pso_jax.pretext`, ``"masked"``,
+        ``"next_frame"`` or ``"order"`` (``pso-jax pretrain``): the train
+        split's clips only, no label ever read; the model's head predicts the
+        task's targets, and the run writes ``backbone/`` for ``pretrained``.
+      mask_ratio: ``objective="masked"``'s share of masked tubelets, in (0, 1).
+      label_fraction: train on this share of the train split's labeled clips
+        (a fixed draw of the seed; the same clips for every run of a seed), in
+        (0, 1]; the label-scarce half of a pretrain -> finetune study.
       seed: the run's seed.
     """
 
@@ -246,6 +261,9 @@ class TrainConfig:
     subspace_dim: int = 256
     recenter_every: int = 0
     dtype: str = "float32"
+    objective: str | None = None
+    mask_ratio: float = 0.9
+    label_fraction: float = 1.0
     seed: int = 0
 
     def __post_init__(self):
@@ -311,6 +329,27 @@ CONFIGS: dict[str, TrainConfig] = {
         social=0.0,
         init="perturb",
         init_scale=0.01,
+        steps_per_call=10,
+        eval_every=100,
+        checkpoint_every=100,
+    ),
+    # `pso-jax pretrain`: the demo's model (c3d, width 8, 2x2x2 tubelets, so
+    # that `pso-jax train --config demo --pretrained DIR` fine-tunes it) learns
+    # a pretext task from the train split's clips, no labels: 4 particles, 4
+    # Adam steps each per swarm step, the hybrid's gentle PSO pull.
+    "pretrain": TrainConfig(
+        model="c3d",
+        width=8,
+        patch=(2, 2, 2),
+        objective="masked",
+        particles=4,
+        steps=300,
+        local_steps=4,
+        learning_rate=3e-3,
+        batch_size=32,
+        inertia=0.3,
+        cognitive=0.3,
+        social=0.3,
         steps_per_call=10,
         eval_every=100,
         checkpoint_every=100,
@@ -395,6 +434,37 @@ def validate_config(cfg: TrainConfig) -> None:
     _validate_numbers(cfg)
     _validate_population(cfg)
     _validate_paths(cfg)
+    _validate_pretext(cfg)
+
+
+def _validate_pretext(cfg: TrainConfig) -> None:
+    """``objective``, ``mask_ratio``, ``label_fraction``; what pretraining uses."""
+    _check_number(cfg, "mask_ratio", low=0.0, above=True)
+    if not cfg.mask_ratio < 1:
+        raise ConfigError("mask_ratio", cfg.mask_ratio, "must be in (0, 1)")
+    _check_number(cfg, "label_fraction", low=0.0, above=True)
+    if not cfg.label_fraction <= 1:
+        raise ConfigError("label_fraction", cfg.label_fraction, "must be in (0, 1]")
+    if cfg.objective is None:
+        return
+    if cfg.objective not in TASKS:
+        raise ConfigError("objective", cfg.objective, f"choose from {TASKS}")
+    # What pretraining does not use: labels and what selects on them.
+    unused = (
+        ("fitness", cfg.fitness, "cross_entropy", "the task's loss is the fitness"),
+        ("augment", cfg.augment, False, "its flips rewrite labels"),
+        ("swarm_over", cfg.swarm_over, "all", "the backbone is what pretrains"),
+        ("narrow_at", cfg.narrow_at, (), "it selects on validation accuracy"),
+        ("label_fraction", cfg.label_fraction, 1.0, "no label is read"),
+    )
+    for name, value, default, why in unused:
+        if value != default:
+            raise ConfigError(
+                name,
+                _pairs_text(value) if name == "narrow_at" else value,
+                f"not with objective={cfg.objective!r} ({why}); leave it at "
+                f"{_pairs_text(default) if name == 'narrow_at' else default!r}",
+            )
 
 
 def _check_int(

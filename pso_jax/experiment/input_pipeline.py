@@ -4,7 +4,8 @@
   ``moving_shapes``, prepared on first use, or a TFDS video dataset); in a
   multi-process run process 0 prepares it first.
 - ``_train_batches``: random access, element ``s`` the batch of step ``s`` (what
-  makes resumes exact); ``_eval_batches``: one pass in order.
+  makes resumes exact; clips only for a pretext run, the ``label_fraction``
+  subset of the split); ``_eval_batches``: one pass in order.
 - ``_batch_fn``: the on-device augmentation inside the train step, also on a
   ``"data"`` mesh axis; ``_to_float``: uint8 clips to float32 on the device.
 - ``_num_classes``, ``_clip_shape``, ``_label_names``: what the model and the
@@ -22,6 +23,7 @@ and ``pso-jax minimize`` (whose parser imports this package) should not pay.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
@@ -33,6 +35,7 @@ from jax.experimental import multihost_utils
 
 from pso_jax import sharding
 from pso_jax.experiment.config import ConfigError, TrainConfig
+from pso_jax.pretext import check_task
 from pso_jax.train import check_labels
 
 
@@ -244,6 +247,14 @@ def _check_data(cfg: TrainConfig, source=None) -> None:
             "resize them to one size when preparing the dataset",
         )
     clip = (cfg.num_frames or t, h, w, c)
+    if cfg.objective is not None:
+        try:
+            check_task(cfg.objective, clip, cfg.patch, cfg.mask_ratio)
+        except ValueError as e:
+            dims = "x".join(map(str, clip[:3]))
+            raise DataError(
+                None, None, f"{cfg.model} on clips of {dims} (T x H x W): {e}"
+            ) from None
     _check_model_input(cfg, clip, cfg.num_classes or n or 2)
 
 
@@ -303,17 +314,53 @@ def _checked_batches(batches: Iterable[dict], num_classes: int, split: str):
 
 
 def _train_batches(cfg: TrainConfig, source):
-    """Random access: element ``s`` is the batch of step ``s`` (exact resumes)."""
+    """Random access: element ``s`` is the batch of step ``s`` (exact resumes).
+
+    A pretext run (``cfg.objective``) picks the clips only: no label is read.
+    With ``label_fraction < 1``, the batches draw from :func:`_labeled_subset`.
+    """
     from pso_jax.data import make_dataset  # slow: see the top
 
     return make_dataset(
-        source,
+        _labeled_subset(cfg, source),
         batch_size=cfg.batch_size,
         seed=cfg.seed,
         num_epochs=None,
         num_frames=cfg.num_frames,
         float_video=False,  # uint8 to the device; converted there (4x less copy)
+        label_key=None if cfg.objective else "label",
     )
+
+
+def _labeled_subset(cfg: TrainConfig, source):
+    """The ``label_fraction`` of ``source`` a run may read (all of it at 1).
+
+    A fixed draw of the seed (a permutation of the indices, its first
+    ``ceil(fraction * n)``; at least one batch), the same for every run of a
+    seed whatever its model: pretrained and from-scratch runs fine-tune on the
+    same clips.
+    """
+    if cfg.label_fraction >= 1:
+        return source
+    n = len(source)
+    keep = min(max(math.ceil(cfg.label_fraction * n), cfg.batch_size), n)
+    order = np.random.default_rng(cfg.seed).permutation(n)[:keep]
+    return _Subset(source, tuple(int(i) for i in np.sort(order)))
+
+
+class _Subset:
+    """A read-only view of ``source`` at ``indices`` (``len`` and ``[i]``)."""
+
+    __slots__ = ("indices", "source")
+
+    def __init__(self, source, indices: tuple[int, ...]):
+        self.source, self.indices = source, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.source[self.indices[i]]
 
 
 def _eval_batches(
@@ -323,11 +370,13 @@ def _eval_batches(
     *,
     num_classes: int | None = None,
     split: str = "evaluation",
+    labels: bool = True,
 ) -> Iterator[dict]:
     """One pass over ``source`` in order, the last batch kept (float clips).
 
     With ``num_classes``, every batch's labels are checked against it
-    (:func:`_check_labels`; ``split`` names the split in the error).
+    (:func:`_check_labels`; ``split`` names the split in the error). Without
+    ``labels``, the clips only (a pretext run's evaluation: none is read).
     """
     from pso_jax.data import make_dataset  # slow: see the top
 
@@ -339,6 +388,7 @@ def _eval_batches(
         num_frames=cfg.num_frames,
         drop_remainder=False,
         float_video=True,
+        label_key="label" if labels else None,
     )
     if num_classes is None:
         return iter(ds)

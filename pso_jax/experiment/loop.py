@@ -70,6 +70,7 @@ from pso_jax.experiment.metrics import (
     _truncate_metrics,
     _write_json,
 )
+from pso_jax.experiment.pretraining import _finish_pretext, _validation_record
 from pso_jax.experiment.report import _plot_convergence, _Progress
 from pso_jax.experiment.run import _layout, _restore, _Run
 from pso_jax.experiment.selection import _Elite, _narrowed, _split_batches
@@ -404,14 +405,17 @@ def _train_loop(
                 log.write(_json_text(r) + "\n")  # strict JSON: inf as null
             step += n
             if cfg.eval_every and (step % cfg.eval_every < n or step == cfg.steps):
-                res, _ = _evaluate(run, state, val_source, top_k=1)
-                elite.offer(
-                    run.eval_state(state, 1),
-                    res.accuracy,
-                    step,
-                    whole=bool(run.cfg.recenter_every),
-                )
-                record = {"step": step, "val_accuracy": res.accuracy}
+                if run.task is not None:  # a pretext run: its loss
+                    record = _validation_record(run, state, val_source, step)
+                else:
+                    res, _ = _evaluate(run, state, val_source, top_k=1)
+                    elite.offer(
+                        run.eval_state(state, 1),
+                        res.accuracy,
+                        step,
+                        whole=bool(run.cfg.recenter_every),
+                    )
+                    record = {"step": step, "val_accuracy": res.accuracy}
                 log.write(_json_text(record) + "\n")
             ran = run.particles  # the swarm these steps ran with
             if run.particles != particles_at(cfg, step):
@@ -556,7 +560,9 @@ def _step_batch(run: _Run, batches, step: int) -> dict:
     batch = batches[step]
     if run.cfg.select_on == "next":
         nxt = batches[step + 1]
-        batch = {**batch, "select_video": nxt["video"], "select_label": nxt["label"]}
+        batch = {**batch, "select_video": nxt["video"]}
+        if "label" in nxt:  # a pretext run's batch_fn makes its own
+            batch["select_label"] = nxt["label"]
     return batch
 
 
@@ -570,7 +576,10 @@ def _summary(
     data_seconds: float,
 ) -> dict[str, Any]:
     """The run's ``summary.json``: test metrics, timings, throughput, layout."""
-    summary = _finish(run, state, workdir, _Elite(workdir))
+    if run.task is None:
+        summary = _finish(run, state, workdir, _Elite(workdir))
+    else:
+        summary = _finish_pretext(run, state, workdir)
     per_step = clock.step_seconds  # None only if this process ran no step
     summary.update(
         steps=step,
@@ -843,7 +852,11 @@ def evaluate_workdir(
         interrupt.check()
         state, _ = _restore(run, ckdir, step=step)
         interrupt.check()
-        result = _finish(run, state, workdir, _Elite(workdir), confusion=EVAL_CONFUSION)
+        if run.task is None:
+            elite = _Elite(workdir)
+            result = _finish(run, state, workdir, elite, confusion=EVAL_CONFUSION)
+        else:  # a pretext run: its task's loss (backbone/ left as it is)
+            result = _finish_pretext(run, state, workdir, save=False)
         result["steps"] = int(state.swarm.step)
         result["parallel"] = _layout(run)
         interrupt.check()

@@ -138,14 +138,17 @@ def _plot_convergence(records: Iterable[dict], out: Path, cfg: TrainConfig) -> N
     ``records``: ``metrics.jsonl``'s, whose ``null`` (non-finite) values are
     gaps in the lines.
     """
-    plt = _pyplot()
     steps, best, mean, vsteps, vacc, narrowed = [], [], [], [], [], []
+    lsteps, vloss = [], []
 
     def number(value):
         return float("nan") if value is None else value
 
     for r in records:
-        if "val_accuracy" in r:
+        if "val_loss" in r:  # a pretext run's validation
+            lsteps.append(r["step"])
+            vloss.append(number(r["val_loss"]))
+        elif "val_accuracy" in r:
             vsteps.append(r["step"])
             vacc.append(number(r["val_accuracy"]))
         elif "narrowed_to" in r:
@@ -154,9 +157,11 @@ def _plot_convergence(records: Iterable[dict], out: Path, cfg: TrainConfig) -> N
             steps.append(r["step"])
             best.append(number(r["best_fitness"]))
             mean.append(number(r["mean_fitness"]))
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, ax = _figure((6.5, 4))
     ax.plot(steps, best, label="swarm best (re-scored on each batch)")
     ax.plot(steps, mean, label="swarm mean", alpha=0.6)
+    if vloss:
+        ax.plot(lsteps, vloss, "k.--", label="validation loss (best)")
     for at, keep in narrowed:
         ax.axvline(at, color="0.6", ls=":", lw=1)
         ax.annotate(
@@ -169,7 +174,10 @@ def _plot_convergence(records: Iterable[dict], out: Path, cfg: TrainConfig) -> N
             va="top",
         )
     ax.set_xlabel("swarm step")
-    ax.set_ylabel(f"{_FITNESS_LABELS.get(cfg.fitness, cfg.fitness)} on the batch")
+    fitness = _FITNESS_LABELS.get(cfg.fitness, cfg.fitness)
+    if cfg.objective is not None:
+        fitness = f"{cfg.objective} loss"
+    ax.set_ylabel(f"{fitness} on the batch")
     ax.set_title(
         f"{cfg.model} x {cfg.particles} particles, k={cfg.local_steps}, "
         f"{cfg.dataset}/{cfg.dataset_config}"
@@ -190,16 +198,14 @@ def _plot_convergence(records: Iterable[dict], out: Path, cfg: TrainConfig) -> N
     )
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(out, dpi=110)
-    plt.close(fig)
 
 
 def _plot_confusion(result: EvalResult, out: Path, names) -> None:
     """``confusion.png``: ``result``'s confusion matrix (``names``: class names)."""
-    plt = _pyplot()
     cm = np.asarray(result.confusion)
     c = cm.shape[0]
     labels = list(names) if names is not None and len(names) == c else range(c)
-    fig, ax = plt.subplots(figsize=(6, 5.5))
+    fig, ax = _figure((6, 5.5))
     im = ax.imshow(cm, cmap="Blues")
     ax.set_xticks(range(c), labels, rotation=60, ha="right", fontsize=8)
     ax.set_yticks(range(c), labels, fontsize=8)
@@ -213,16 +219,18 @@ def _plot_confusion(result: EvalResult, out: Path, names) -> None:
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
-    plt.close(fig)
 
 
-def _pyplot():
-    """``matplotlib.pyplot`` on the Agg backend (files only, no display)."""
+def _figure(figsize: tuple[float, float]):
+    """``(fig, ax)`` drawn off-screen, for files only.
+
+    A ``matplotlib.figure.Figure`` without pyplot: nothing global changes, so
+    a notebook's or script's own backend (and ``plt.show()``) keeps working
+    after a run has written its plots.
+    """
     # Imported on first use: matplotlib costs ~0.4 s, which `pso-jax --help`
     # (whose parser imports this package) should not pay.
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots()

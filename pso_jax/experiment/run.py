@@ -1,6 +1,7 @@
 """What a run builds from its config: model, swarm, train step, device layout.
 
-- ``_Run``: the model, the swarm optimizer (sharded over a mesh on several
+- ``_Run``: the model (its head a pretext task's when ``cfg.objective``:
+  :mod:`pso_jax.pretext`), the swarm optimizer (sharded over a mesh on several
   devices), the fused train step (:func:`pso_jax.train.make_train_step`; the
   loop runs its ``scan`` in chunks); the state's abstract shape (a restore
   target), the host batches as a chunk's input, and the gathered state that
@@ -32,9 +33,17 @@ from pso_jax.experiment.input_pipeline import (
     _clip_shape,
     _num_classes,
 )
+from pso_jax.experiment.pretrained import _load_pretrained
 from pso_jax.models import make_model
+from pso_jax.pretext import make_task, task_batch_fn
 from pso_jax.pso import pso
-from pso_jax.train import Trainer, TrainState, make_train_step, top_particles
+from pso_jax.train import (
+    Trainer,
+    TrainState,
+    cross_entropy,
+    make_train_step,
+    top_particles,
+)
 
 
 class _Run:
@@ -64,7 +73,16 @@ class _Run:
         self.mesh = None
         if num_devices > 1:
             self.mesh = sharding.make_mesh(num_devices, data=parallel.data)
-        self.num_classes = _num_classes(cfg, source)
+        # A pretext run's head predicts its task's targets, not classes.
+        self.task = None
+        if cfg.objective is not None:
+            clip = _clip_shape(cfg, source)
+            self.task = make_task(
+                cfg.objective, clip, cfg.patch, mask_ratio=cfg.mask_ratio
+            )
+            self.num_classes = self.task.num_outputs
+        else:
+            self.num_classes = _num_classes(cfg, source)
         model = make_model(
             cfg.model,
             self.num_classes,
@@ -75,7 +93,7 @@ class _Run:
         dummy = jnp.zeros((1, *_clip_shape(cfg, source)), jnp.float32)
         template = model.init(jax.random.key(0), dummy)["params"]
         if cfg.pretrained is not None:
-            template = flax_utils.load_params(cfg.pretrained, template)
+            template = _load_pretrained(cfg, template)
         self.space = particle_space.make_space(
             cfg.particle_space, rank=cfg.rank, dim=cfg.subspace_dim, seed=cfg.seed
         )
@@ -88,8 +106,12 @@ class _Run:
         data = 1 if self.mesh is None else parallel.data
         # One whole model's forward pass (in cfg.dtype), on decoded params.
         self.model_fn = _model_fn(model, cfg.dtype)
+        if self.task is None:
+            batch_fn = _batch_fn(cfg, data)
+        else:
+            batch_fn = task_batch_fn(self.task, data)
         self.trainer = _make_trainer(
-            phase, self.model_fn, self.optimizer, _batch_fn(cfg, data), self.space
+            phase, self.model_fn, self.optimizer, batch_fn, self.space, self.task
         )
         self.template = template
         trainer = self.trainer
@@ -208,8 +230,13 @@ def _model_fn(model, dtype: str):
     return flax_utils.with_compute_dtype(model_fn, dtype)
 
 
-def _make_trainer(cfg: TrainConfig, model_fn, optimizer, batch_fn, space) -> Trainer:
-    """The fused train step; sharded when ``optimizer`` is (``pso(mesh=...)``)."""
+def _make_trainer(
+    cfg: TrainConfig, model_fn, optimizer, batch_fn, space, task=None
+) -> Trainer:
+    """The fused train step; sharded when ``optimizer`` is (``pso(mesh=...)``).
+
+    With a pretext ``task``, its loss is the fitness and the gradient loss.
+    """
     apply_fn = space.wrap(model_fn)
     recenter_fn = None
     if cfg.recenter_every:
@@ -228,7 +255,8 @@ def _make_trainer(cfg: TrainConfig, model_fn, optimizer, batch_fn, space) -> Tra
     return make_train_step(
         apply_fn,
         optimizer,
-        fitness=cfg.fitness,
+        fitness=cfg.fitness if task is None else task.loss,
+        grad_loss=cross_entropy if task is None else task.loss,
         local_steps=cfg.local_steps,
         grad_optimizer=_grad_optimizer(cfg) if ranges else _adam(cfg),
         best_refresh=cfg.best_refresh,
