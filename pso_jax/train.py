@@ -578,28 +578,42 @@ def make_train_step(
         recenter=(recenter_every, recenter_fn),
     )
 
-    def init(key: PRNGKey, params_template: PyTree, hparams: Any = None) -> TrainState:
-        swarm = swarm_opt.init(key, params_template, hparams)
-        opt_state = hp = None
-        if grad_hparams:
-            hp = population.init_hparams(jax.random.fold_in(key, 1), grad_hparams, axis)
-        if local_steps:
-            opt_state = jax.vmap(lambda p, h: tx_fn(h).init(p))(
-                swarm.positions, hp or {}
-            )
-        hswarm = None
-        if hparam_move != "exploit":
-            hswarm = population.init_hparam_swarm(hp)
-        return TrainState(
-            swarm=swarm,
-            opt_state=opt_state,
-            grad_hparams=hp,
-            key_data=jax.random.key_data(key),
-            hparam_swarm=hswarm,
-        )
-
+    init = functools.partial(
+        _init_state, swarm_opt, grad_hparams, local_steps, tx_fn, hparam_move
+    )
     step = functools.partial(_train_step, parts)
     return _trainer(apply_fn, optimizer, mesh, init, step, maximize)
+
+
+def _init_state(
+    swarm_opt,
+    grad_hparams,
+    local_steps,
+    tx_fn,
+    hparam_move,
+    key,
+    params_template,
+    hparams=None,
+) -> TrainState:
+    """A :class:`Trainer`'s ``init(key, params_template, hparams)`` (the leading
+    arguments bound by :func:`make_train_step`)."""
+    swarm = swarm_opt.init(key, params_template, hparams)
+    opt_state = hp = None
+    if grad_hparams:
+        axis = swarm_opt.config.axis
+        hp = population.init_hparams(jax.random.fold_in(key, 1), grad_hparams, axis)
+    if local_steps:
+        opt_state = jax.vmap(lambda p, h: tx_fn(h).init(p))(swarm.positions, hp or {})
+    hswarm = None
+    if hparam_move != "exploit":
+        hswarm = population.init_hparam_swarm(hp)
+    return TrainState(
+        swarm=swarm,
+        opt_state=opt_state,
+        grad_hparams=hp,
+        key_data=jax.random.key_data(key),
+        hparam_swarm=hswarm,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
