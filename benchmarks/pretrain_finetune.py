@@ -23,6 +23,12 @@ Usage::
 
     PYTHONPATH=. .venv/bin/python benchmarks/pretrain_finetune.py \
         --root /tmp/pretrain_bench [--seeds 0,1,2] [--out benchmarks/results]
+    # the video Transformer (VideoMAE's masked objective), beside the c3d table:
+    PYTHONPATH=. .venv/bin/python benchmarks/pretrain_finetune.py \
+        --root /tmp/pretrain_vivit --model vivit --width 64 --patch 2,8,8 \
+        --lr 1e-3 --lr-warmup 0.1 --objectives masked,order --fractions 0.1 \
+        --budgets 50,150 --head-steps 0 \
+        --out benchmarks/results/vivit
 """
 
 from __future__ import annotations
@@ -43,7 +49,8 @@ from pso_jax import cli, experiment, flax_utils  # noqa: E402
 from pso_jax.experiment.input_pipeline import _source  # noqa: E402
 from pso_jax.experiment.run import _Run  # noqa: E402
 
-MODEL = ["--model", "c3d", "--width", "8", "--patch", "2,2,2"]
+# The demo's model (the `pretrain` preset's); --model/--width/--patch change it.
+MODEL = {"model": "c3d", "width": 8, "patch": (2, 2, 2)}
 # Pure PSO on the head: the textbook constriction-equivalent coefficients.
 HEAD_PSO = ["--swarm-over", "head", "--local-steps", "0", "--particles", "16"]
 HEAD_PSO += ["--inertia", "0.7298", "--cognitive", "1.49618", "--social", "1.49618"]
@@ -76,13 +83,17 @@ def _with_constant(summary: dict) -> dict:
     return summary
 
 
-def _random_backbone(root: Path, data_dir: str | None) -> Path:
+def _model_args(model: dict) -> list[str]:
+    """``model`` (``MODEL``'s keys) as ``pso-jax`` flags."""
+    patch = ",".join(str(p) for p in model["patch"])
+    return ["--model", model["model"], "--width", str(model["width"]), "--patch", patch]
+
+
+def _random_backbone(root: Path, data_dir: str | None, model: dict) -> Path:
     """The model's init (10 classes), saved whole: the head-only baseline's."""
     path = root / "random_backbone"
     if not path.exists():
-        cfg = experiment.get_config(
-            "hybrid", model="c3d", width=8, patch=(2, 2, 2), data_dir=data_dir
-        )
+        cfg = experiment.get_config("hybrid", **model, data_dir=data_dir)
         run = _Run(cfg, _source(cfg, "train"))
         flax_utils.save_params(path, run.template)
     return path
@@ -139,6 +150,12 @@ def _gains(rows, kind, base, arms, fractions) -> list[str]:
     return out
 
 
+def _model_label(model: dict) -> str:
+    label = f"{model['model']}, width {model['width']}, "
+    label += "x".join(str(p) for p in model["patch"]) + " tubelets"
+    return label + (" (the demo's)" if model == MODEL else "")
+
+
 def _markdown(info, command, args, pre: dict, rows: list[dict]) -> str:
     fractions = args.fractions
     objectives = list(pre)
@@ -152,7 +169,7 @@ def _markdown(info, command, args, pre: dict, rows: list[dict]) -> str:
         f"{list(os.getloadavg())} (the machine is shared); pso_jax sources "
         f"{info['pso_jax_source']}.",
         "",
-        "Model: c3d, width 8, 2x2x2 tubelets (the demo's). Test accuracy on the "
+        f"Model: {_model_label(args.model)}. Test accuracy on the "
         "500 test clips (1 point = 5 clips); median [min, max] over seeds "
         f"{args.seeds}. A seed draws the labeled clips (`--label-fraction`: "
         f"{', '.join(f'{f:g}' for f in fractions)} of the 2,000 train clips) and "
@@ -163,7 +180,9 @@ def _markdown(info, command, args, pre: dict, rows: list[dict]) -> str:
         "## Pretraining (no labels)",
         "",
         f"`pso-jax pretrain --objective O --steps {args.pretrain_steps}` (preset "
-        "`pretrain`: 4 particles x 4 Adam steps per swarm step, seed 0), the "
+        "`pretrain`: 4 particles x 4 Adam steps per swarm step, seed 0"
+        f"{f'; lr {args.lr}' if args.lr else ''}"
+        f"{f', warmup {args.lr_warmup}' if args.lr_warmup else ''}), the "
         "pretext task's loss on the test clips:",
         "",
         "| objective | test loss, start | test loss, end | best constant guess | "
@@ -187,7 +206,9 @@ def _markdown(info, command, args, pre: dict, rows: list[dict]) -> str:
         lines += [
             "",
             f"## Fine-tuning every parameter: {budget} swarm steps of "
-            "`--config hybrid` (4 particles x 4 Adam steps, lr 1e-2 cosine; the "
+            "`--config hybrid` (4 particles x 4 Adam steps, lr "
+            f"{args.lr or '1e-2'} cosine"
+            f"{f', warmup {args.lr_warmup}' if args.lr_warmup else ''}; the "
             "same budget for every start)",
             "",
             *_table(rows, kind, have, ["scratch", *objectives]),
@@ -195,7 +216,19 @@ def _markdown(info, command, args, pre: dict, rows: list[dict]) -> str:
             *_gains(rows, kind, "scratch", objectives, have),
         ]
     head_fractions = sorted({r["fraction"] for r in rows if r["kind"] == "head_pso"})
+    if head_fractions:
+        lines += _head_sections(args, rows, head_fractions, objectives)
     lines += [
+        "",
+        "The pretraining's own compute (the seconds above) is not in the "
+        "fine-tuning budget: it is spent once, on unlabeled clips, and serves "
+        "every fine-tuning after.",
+    ]
+    return "\n".join(lines)
+
+
+def _head_sections(args, rows, head_fractions, objectives) -> list[str]:
+    return [
         "",
         f"## Head-only PSO ({args.head_steps} steps of pure PSO, 16 particles, "
         "only the head moves; the backbone frozen)",
@@ -210,12 +243,7 @@ def _markdown(info, command, args, pre: dict, rows: list[dict]) -> str:
         *_table(rows, "head_adam", head_fractions, ["random", *objectives]),
         "",
         *_gains(rows, "head_adam", "random", objectives, head_fractions),
-        "",
-        "The pretraining's own compute (the seconds above) is not in the "
-        "fine-tuning budget: it is spent once, on unlabeled clips, and serves "
-        "every fine-tuning after.",
     ]
-    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -231,7 +259,17 @@ def main(argv=None) -> int:
         help="fine-tuning budgets (swarm steps) at the scarcest fraction",
     )
     p.add_argument("--full-budget", type=int, default=150, help="at 1.0 of the labels")
-    p.add_argument("--head-steps", type=int, default=200)
+    p.add_argument("--head-steps", type=int, default=200, help="0: no head-only runs")
+    p.add_argument("--model", default=MODEL["model"], help="a pso_jax.models name")
+    p.add_argument("--width", type=int, default=MODEL["width"])
+    p.add_argument(
+        "--patch",
+        type=lambda s: tuple(_ints(s)),
+        default=MODEL["patch"],
+        help="tubelet T,H,W (vivit: e.g. 2,8,8)",
+    )
+    p.add_argument("--lr", help="Adam's peak, pretraining and fine-tuning alike")
+    p.add_argument("--lr-warmup", help="share of the schedule rising from 0")
     p.add_argument("--fractions", type=lambda s: [float(x) for x in s.split(",")])
     p.add_argument("--seeds", type=_ints)
     p.add_argument(
@@ -243,6 +281,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     args.fractions = args.fractions or [0.1, 1.0]
     args.seeds = args.seeds or [0, 1, 2]
+    args.model = {"model": args.model, "width": args.width, "patch": args.patch}
+    model = _model_args(args.model)
+    for flag, value in (("--lr", args.lr), ("--lr-warmup", args.lr_warmup)):
+        model += [] if value is None else [flag, value]
     info = _provenance.machine_info()
     command = _provenance.command_line("pretrain_finetune.py", argv)
     root = args.root
@@ -251,8 +293,9 @@ def main(argv=None) -> int:
     pre = {}
     for o in args.objectives.split(","):
         argv_o = ["pretrain", "--objective", o, "--steps", str(args.pretrain_steps)]
+        argv_o += model
         pre[o] = _with_constant(_run([*argv_o, *data], root / f"pre_{o}"))
-    random = _random_backbone(root, args.data_dir)
+    random = _random_backbone(root, args.data_dir, args.model)
     full_arms = set(args.full_label_arms.split(","))
     rows = []
     scarce = min(args.fractions)
@@ -262,7 +305,7 @@ def main(argv=None) -> int:
     plan += [(f, args.full_budget) for f in args.fractions if f != scarce]
     for f, budget in plan:
         for seed in args.seeds:
-            base = ["train", "--config", "hybrid", *MODEL, *data, "--seed", str(seed)]
+            base = ["train", "--config", "hybrid", *model, *data, "--seed", str(seed)]
             base += ["--label-fraction", str(f)]
             for arm, path in starts.items():
                 if f != scarce and path is not None and arm not in full_arms:
@@ -273,7 +316,7 @@ def main(argv=None) -> int:
                     root / f"ft{budget}_{arm}_{f:g}_s{seed}",
                 )
                 rows.append(_row(f"finetune{budget}", arm, f, seed, s))
-            if f != scarce or budget != max(args.budgets):
+            if f != scarce or budget != max(args.budgets) or not args.head_steps:
                 continue
             head = [*base, "--steps", str(args.head_steps), *HEAD_PSO]
             for arm, path in {"random": random, **starts}.items():
@@ -295,7 +338,14 @@ def main(argv=None) -> int:
     (args.out / "pretrain_finetune.md").write_text(text + "\n")
     (args.out / "pretrain_finetune.json").write_text(
         json.dumps(
-            {"info": info, "command": command, "pretrain": pre, "runs": rows}, indent=1
+            {
+                "info": info,
+                "command": command,
+                "model": args.model,
+                "pretrain": pre,
+                "runs": rows,
+            },
+            indent=1,
         )
     )
     print(text)

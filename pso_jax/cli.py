@@ -523,33 +523,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     s.add_argument(
         "--local-steps", type=int, help="gradient steps per swarm step (0: pure PSO)"
     )
-    s.add_argument("--lr", dest="learning_rate", type=float, help="Adam step size")
-    s.add_argument("--lr-schedule", choices=("cosine", "constant"))
-    s.add_argument("--weight-decay", type=float, help="AdamW's weight decay")
-    s.add_argument(
-        "--lr-range",
-        type=_range,
-        metavar="LOW,HIGH",
-        help="per-particle learning rates, log-uniform over the range (PBT)",
-    )
-    s.add_argument(
-        "--wd-range",
-        type=_range,
-        metavar="LOW,HIGH",
-        help="per-particle weight decays, log-uniform over the range (PBT)",
-    )
-    s.add_argument(
-        "--exploit-every",
-        type=int,
-        help="every N steps the worst particles clone good ones (PBT; 0: never)",
-    )
-    s.add_argument("--exploit-fraction", type=float, help="share cloned (0, 0.5]")
-    s.add_argument(
-        "--hparam-move",
-        choices=("exploit", "pso", "both"),
-        help="every --exploit-every steps: PBT's clone (exploit), PSO on the "
-        "log-hyperparameters (pso), or both",
-    )
+    _add_gradient_args(p)
     s.add_argument(
         "--narrow-at",
         type=_narrowings,
@@ -588,6 +562,45 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--eval-every", type=int)
     s.add_argument("--checkpoint-every", type=int)
     s.add_argument("--top-k", type=_positive_int)
+
+
+def _add_gradient_args(p: argparse.ArgumentParser) -> None:
+    """The gradient steps' optimizer (Adam/AdamW) and its population (PBT)."""
+    a = p.add_argument_group("gradient steps")
+    a.add_argument("--lr", dest="learning_rate", type=float, help="Adam step size")
+    a.add_argument("--lr-schedule", choices=("cosine", "constant"))
+    a.add_argument(
+        "--lr-warmup",
+        type=float,
+        metavar="FRACTION",
+        help="share of the cosine schedule spent rising linearly from 0 to --lr "
+        "(e.g. 0.1 for a Transformer; default 0)",
+    )
+    a.add_argument("--weight-decay", type=float, help="AdamW's weight decay")
+    a.add_argument(
+        "--lr-range",
+        type=_range,
+        metavar="LOW,HIGH",
+        help="per-particle learning rates, log-uniform over the range (PBT)",
+    )
+    a.add_argument(
+        "--wd-range",
+        type=_range,
+        metavar="LOW,HIGH",
+        help="per-particle weight decays, log-uniform over the range (PBT)",
+    )
+    a.add_argument(
+        "--exploit-every",
+        type=int,
+        help="every N steps the worst particles clone good ones (PBT; 0: never)",
+    )
+    a.add_argument("--exploit-fraction", type=float, help="share cloned (0, 0.5]")
+    a.add_argument(
+        "--hparam-move",
+        choices=("exploit", "pso", "both"),
+        help="every --exploit-every steps: PBT's clone (exploit), PSO on the "
+        "log-hyperparameters (pso), or both",
+    )
 
 
 def _given_fields(args) -> dict:

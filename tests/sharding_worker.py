@@ -620,7 +620,7 @@ def check_experiment(out: dict, tmp: str, data_dir: str) -> None:
     import jax
     import numpy as np
 
-    from pso_jax import checkpoint, cli, experiment
+    from pso_jax import checkpoint, cli, experiment, flax_utils
     from pso_jax.experiment import Parallelism
 
     pure = experiment.get_config("smoke", data_dir=data_dir, **EXPERIMENT)
@@ -735,7 +735,34 @@ def check_experiment(out: dict, tmp: str, data_dir: str) -> None:
         "restore_on_2_error": restore_error,
     }
 
-    # (d) The command line in this process: train on 2 devices, evaluate on 4,
+    # (d) Pretraining (masked tubelets, pure PSO): the task's masks are drawn
+    # per clip of the whole batch, so 2 data shards x 2 particle shards train
+    # what one device trains (up to the data axis's sums).
+    pre = dataclasses.replace(pure, objective="masked")
+    pre_runs = {
+        name: run(name, pre, parallel)
+        for name, parallel in (
+            ("pre-1", Parallelism()),
+            ("pre-2x2", Parallelism(devices=4, data=2)),
+        )
+    }
+    (sp1, dp1), (sp4, dp4) = pre_runs.values()
+    backbones = [
+        jax.tree.leaves(flax_utils.load_params(os.path.join(d, "backbone")))
+        for d in (dp1, dp4)
+    ]
+    out["experiment/pretext-2x2"] = {
+        "test_loss": [sp1["test_loss"], sp4["test_loss"]],
+        "initial_test_loss": [sp1["initial_test_loss"], sp4["initial_test_loss"]],
+        "parallel": sp4["parallel"],
+        "metrics": _compare_metrics(_metrics(dp1), _metrics(dp4)),
+        "backbone_max_abs_diff": max(
+            float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+            for a, b in zip(*backbones, strict=True)
+        ),
+    }
+
+    # (e) The command line in this process: train on 2 devices, evaluate on 4,
     # and its layout errors (exit code 2, the message on stderr).
     def cli_main(argv):
         err = io.StringIO()

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from pso_jax import checkpoint as ckpt
 from pso_jax import cli, experiment, flax_utils
+from pso_jax.experiment import run as run_mod
 from pso_jax.experiment.input_pipeline import _source
 from pso_jax.experiment.loop import _check_resume_config
 from pso_jax.experiment.run import _Run
@@ -224,11 +227,35 @@ def test_head_only_swarm_keeps_the_backbone_shared(data_dir, tmp_path):
         ({"patch": (2, 0, 4)}, r"patch=\(2, 0, 4\)"),
         ({"patch": (2, 4)}, r"patch=\(2, 4\)"),
         ({"dtype": "float16"}, "dtype='float16'"),
+        ({"lr_warmup": 1.0}, r"lr_warmup=1.0: must be in \[0, 1\)"),
+        ({"lr_warmup": -0.1}, "lr_warmup=-0.1"),
     ],
 )
 def test_bad_configs_name_the_value(override, match):
     with pytest.raises(ValueError, match=match):
         experiment.get_config("smoke", **override)
+
+
+def test_lr_warmup_rises_from_zero_then_decays_as_the_cosine():
+    # 100 swarm steps x 4 gradient steps: the schedule spans 400 counts.
+    cfg = experiment.get_config("hybrid", steps=100, local_steps=4, lr_warmup=0.1)
+    peak = cfg.learning_rate
+    lr = run_mod._learning_rate(cfg)
+    np.testing.assert_allclose(
+        [float(lr(c)) for c in (0, 20, 40, 400, 1000)],
+        [0.0, peak / 2, peak, 0.05 * peak, 0.05 * peak],
+        rtol=1e-6,
+    )
+    # The same shape for a particle's own peak (PBT), and none without warmup.
+    grads = {"w": jnp.ones(3)}
+    for warmup, first in ((0.1, 0.0), (0.0, 2e-2)):
+        opt = run_mod._adam(dataclasses.replace(cfg, lr_warmup=warmup), 2e-2)
+        update, _ = opt.update(grads, opt.init(grads), grads)
+        np.testing.assert_allclose(update["w"], -first, rtol=1e-5)
+    cold = run_mod._learning_rate(dataclasses.replace(cfg, lr_warmup=0.0))
+    assert float(cold(0)) == pytest.approx(peak)
+    args = cli._parser().parse_args(["train", "--lr-warmup", "0.1"])
+    assert args.lr_warmup == 0.1
 
 
 def test_cli_train_bad_flag_value_exits_2(capsys):

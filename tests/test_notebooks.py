@@ -56,8 +56,15 @@ def test_notebook_is_colab_ready_and_carries_outputs(name):
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
-def test_notebook_runs_small(name, tmp_path, monkeypatch):
+def test_notebook_runs_small(name, tmp_path, tmp_path_factory, monkeypatch):
     monkeypatch.setenv("SMALL", "1")
+    # A notebook trains the same programs more than once (e.g. 05's fine-tuning
+    # from scratch and from the backbone): the kernel keeps them in a persistent
+    # compilation cache, one per test worker (its notebooks run one at a time;
+    # the committed outputs were made without one).
+    cache = tmp_path_factory.getbasetemp() / "notebook_jax_cache"
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(cache))
+    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     # The kernel inherits the environment. 03 adds the 8 simulated CPU devices to
     # XLA_FLAGS itself. On a loaded machine a device thread of the simulated CPU
     # can fall behind its collective by more than XLA's 40 s, which aborts the

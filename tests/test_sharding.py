@@ -416,6 +416,16 @@ def test_experiment_hybrid_on_4_devices_and_its_restore_onto_2(experiment_runs):
     }
 
 
+def test_experiment_pretext_run_on_2x2_devices_equals_one_device(experiment_runs):
+    r = _experiment(experiment_runs, "experiment/pretext-2x2")
+    assert r["parallel"] == {"devices": 4, "data": 2, "processes": 1, "swarm_size": 4}
+    one, four = r["test_loss"]
+    assert four == pytest.approx(one, rel=1e-5) and four < r["initial_test_loss"][1]
+    assert r["initial_test_loss"][1] == pytest.approx(r["initial_test_loss"][0])
+    assert r["metrics"]["same_steps"] and r["metrics"]["max_abs_diff"] < 1e-5
+    assert r["backbone_max_abs_diff"] < 1e-5
+
+
 @pytest.mark.parametrize(("name", "devices"), [("resume-2", 2), ("resume-1", 1)])
 def test_experiment_checkpoint_on_4_devices_resumes_on_fewer(
     experiment_runs, name, devices

@@ -77,6 +77,7 @@ _LATER_FIELDS = {
     "objective": None,
     "mask_ratio": 0.9,
     "label_fraction": 1.0,
+    "lr_warmup": 0.0,
 }
 
 
@@ -129,6 +130,12 @@ class TrainConfig:
       lr_schedule: ``"cosine"`` (optax's cosine decay to 5 % over the run's
         ``schedule_steps * local_steps`` gradient steps, then at that floor)
         or ``"constant"``.
+      lr_warmup: the share of the cosine schedule's gradient steps, in
+        ``[0, 1)``, over which the learning rate first rises linearly from 0
+        to its peak (optax's ``warmup_cosine_decay_schedule``; 0: none). What
+        a Transformer needs: ``vivit`` at the hybrid's peak 1e-2 and no warmup
+        stays at chance on ``moving_shapes``
+        (``benchmarks/results/vivit/lr1e-2/learning_curves.md``).
       schedule_steps: the swarm steps the cosine schedule spans (``None``:
         ``steps``). A run extended on resume (``pso-jax train --resume
         --steps``) keeps its original span here, so the steps already run
@@ -229,6 +236,7 @@ class TrainConfig:
     local_steps: int = 1
     learning_rate: float = 3e-3
     lr_schedule: str = "cosine"
+    lr_warmup: float = 0.0
     schedule_steps: int | None = None
     weight_decay: float = 0.0
     lr_range: tuple[float, float] | None = None
@@ -588,6 +596,9 @@ def _validate_paths(cfg: TrainConfig) -> None:
 def _validate_population(cfg: TrainConfig) -> None:
     """The per-particle hyperparameter, exploit, selection and budget fields."""
     _check_number(cfg, "weight_decay", low=0.0)
+    _check_number(cfg, "lr_warmup", low=0.0)
+    if not cfg.lr_warmup < 1:
+        raise ConfigError("lr_warmup", cfg.lr_warmup, "must be in [0, 1)")
     ranges = {"lr_range": cfg.lr_range, "wd_range": cfg.wd_range}
     for name, rng in ranges.items():
         if rng is None:

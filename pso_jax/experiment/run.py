@@ -282,7 +282,7 @@ def _adam(cfg: TrainConfig, learning_rate=None, weight_decay=None):
     decay = cfg.weight_decay if weight_decay is None else weight_decay
     if cfg.lr_schedule == "constant" or cfg.local_steps == 0:
         return optax.adamw(peak, weight_decay=decay)
-    shape = optax.cosine_decay_schedule(1.0, decay_steps=_decay_steps(cfg), alpha=0.05)
+    shape = _schedule(cfg, 1.0)
     return optax.adamw(lambda count: peak * shape(count), weight_decay=decay)
 
 
@@ -302,12 +302,24 @@ def _decay_steps(cfg: TrainConfig) -> int:
     return max((cfg.schedule_steps or cfg.steps) * cfg.local_steps, 1)
 
 
+def _schedule(cfg: TrainConfig, peak: float):
+    """The cosine schedule to 5 % of ``peak``, after ``lr_warmup``'s linear rise."""
+    steps = _decay_steps(cfg)
+    if not cfg.lr_warmup:
+        return optax.cosine_decay_schedule(peak, decay_steps=steps, alpha=0.05)
+    return optax.warmup_cosine_decay_schedule(
+        0.0,
+        peak,
+        warmup_steps=max(int(cfg.lr_warmup * steps), 1),
+        decay_steps=steps,
+        end_value=0.05 * peak,
+    )
+
+
 def _learning_rate(cfg: TrainConfig):
     if cfg.lr_schedule == "constant" or cfg.local_steps == 0:
         return cfg.learning_rate
-    return optax.cosine_decay_schedule(
-        cfg.learning_rate, decay_steps=_decay_steps(cfg), alpha=0.05
-    )
+    return _schedule(cfg, cfg.learning_rate)
 
 
 def _gather_top(maximize: bool, mesh) -> Callable:

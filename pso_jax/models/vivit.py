@@ -8,10 +8,10 @@ with learned space and time position embeddings; a **spatial** Transformer
 attends among the ``H/ph * W/pw`` tokens of each temporal index and is mean
 pooled to one token per time step; a **temporal** Transformer attends among the
 ``T/pt`` time tokens, mean pooled (the paper's class tokens, replaced by mean
-pools as in its ablations: no extra parameters, same accuracy at this size);
-then the ``"head"`` Dense. Pre-LayerNorm blocks: ``x + MHSA(LN(x))``, ``x +
-MLP(LN(x))`` with a GELU MLP of ``mlp_ratio * width``. Nothing mutable, no
-dropout: a swarm evaluates it with ``jax.vmap(apply_fn, in_axes=(0, None))``.
+pools as in its ablations: no extra parameters); then the ``"head"`` Dense.
+Pre-LayerNorm blocks: ``x + MHSA(LN(x))``, ``x + MLP(LN(x))`` with a GELU MLP
+of ``mlp_ratio * width``. Nothing mutable, no dropout: a swarm evaluates it
+with ``jax.vmap(apply_fn, in_axes=(0, None))``.
 
 Sizes. The CPU default of the tests and the demo data (``8 x 32 x 32`` clips):
 ``width=64``, ``patch=(2, 8, 8)`` (4 x 4 x 4 = 64 tokens), ``depth=(2, 2)``,
@@ -24,6 +24,12 @@ or UCF-101 at ``16 x 64 x 64``::
 
 (``make_model`` keeps the common constructor; the depths and heads are fields of
 :class:`ViViT` itself.)
+
+Training it. Like any Transformer trained from scratch it wants a smaller
+Adam step than the conv models and a warmup: at the ``hybrid`` config's peak
+1e-2 without one it stays at chance on ``moving_shapes/small`` (training loss
+at ln 10); ``--lr 1e-3 --lr-warmup 0.1`` trains it, after a plateau of some
+1,600 Adam steps (``benchmarks/results/vivit/learning_curves.md``).
 
 What the common fields mean here: ``stem`` must be ``"tubelet"`` (a Transformer
 takes tokens; ``"conv"`` raises); ``norm`` ``"layer"`` or ``"group"`` are both
