@@ -297,13 +297,11 @@ def main(argv=None) -> int:
     info = _provenance.machine_info()
     command = _provenance.command_line("learning_curves.py", argv)
     base = {"data_dir": args.data_dir, "steps_per_call": 5, "checkpoint_every": 0}
-    model = {"model": args.model, "width": args.width, "patch": args.patch}
-    base |= {k: v for k, v in model.items() if v is not None}
-    adam = {"learning_rate": args.lr, "lr_warmup": args.lr_warmup}
-    base |= {k: v for k, v in adam.items() if v is not None}
-    demo = experiment.get_config(
-        BASE, **{k: v for k, v in (model | adam).items() if v is not None}
-    )
+    given = {"model": args.model, "width": args.width, "patch": args.patch}
+    given |= {"learning_rate": args.lr, "lr_warmup": args.lr_warmup}
+    given = {k: v for k, v in given.items() if v is not None}
+    base |= given
+    demo = experiment.get_config(BASE, **given)
     runs = {
         "pure PSO (k=0)": {**base, "local_steps": 0},
         "hybrid k=1": {**base, "local_steps": 1},

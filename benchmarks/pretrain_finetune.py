@@ -207,7 +207,8 @@ def _markdown(info, command, args, pre: dict, rows: list[dict]) -> str:
             "",
             f"## Fine-tuning every parameter: {budget} swarm steps of "
             "`--config hybrid` (4 particles x 4 Adam steps, lr "
-            f"{args.lr or '1e-2'} cosine"
+            f"{args.lr or format(experiment.get_config('hybrid').learning_rate, 'g')}"
+            " cosine"
             f"{f', warmup {args.lr_warmup}' if args.lr_warmup else ''}; the "
             "same budget for every start)",
             "",
@@ -282,9 +283,10 @@ def main(argv=None) -> int:
     args.fractions = args.fractions or [0.1, 1.0]
     args.seeds = args.seeds or [0, 1, 2]
     args.model = {"model": args.model, "width": args.width, "patch": args.patch}
-    model = _model_args(args.model)
+    # The model's and Adam's flags, for the pretraining and every fine-tuning.
+    flags = _model_args(args.model)
     for flag, value in (("--lr", args.lr), ("--lr-warmup", args.lr_warmup)):
-        model += [] if value is None else [flag, value]
+        flags += [] if value is None else [flag, value]
     info = _provenance.machine_info()
     command = _provenance.command_line("pretrain_finetune.py", argv)
     root = args.root
@@ -293,9 +295,10 @@ def main(argv=None) -> int:
     pre = {}
     for o in args.objectives.split(","):
         argv_o = ["pretrain", "--objective", o, "--steps", str(args.pretrain_steps)]
-        argv_o += model
+        argv_o += flags
         pre[o] = _with_constant(_run([*argv_o, *data], root / f"pre_{o}"))
-    random = _random_backbone(root, args.data_dir, args.model)
+    # The head-only runs' random backbone: none is needed without them.
+    random = args.head_steps and _random_backbone(root, args.data_dir, args.model)
     full_arms = set(args.full_label_arms.split(","))
     rows = []
     scarce = min(args.fractions)
@@ -305,7 +308,7 @@ def main(argv=None) -> int:
     plan += [(f, args.full_budget) for f in args.fractions if f != scarce]
     for f, budget in plan:
         for seed in args.seeds:
-            base = ["train", "--config", "hybrid", *model, *data, "--seed", str(seed)]
+            base = ["train", "--config", "hybrid", *flags, *data, "--seed", str(seed)]
             base += ["--label-fraction", str(f)]
             for arm, path in starts.items():
                 if f != scarce and path is not None and arm not in full_arms:

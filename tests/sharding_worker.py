@@ -739,14 +739,8 @@ def check_experiment(out: dict, tmp: str, data_dir: str) -> None:
     # per clip of the whole batch, so 2 data shards x 2 particle shards train
     # what one device trains (up to the data axis's sums).
     pre = dataclasses.replace(pure, objective="masked")
-    pre_runs = {
-        name: run(name, pre, parallel)
-        for name, parallel in (
-            ("pre-1", Parallelism()),
-            ("pre-2x2", Parallelism(devices=4, data=2)),
-        )
-    }
-    (sp1, dp1), (sp4, dp4) = pre_runs.values()
+    sp1, dp1 = run("pre-1", pre, Parallelism())
+    sp4, dp4 = run("pre-2x2", pre, Parallelism(devices=4, data=2))
     backbones = [
         jax.tree.leaves(flax_utils.load_params(os.path.join(d, "backbone")))
         for d in (dp1, dp4)
