@@ -38,6 +38,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -121,7 +122,7 @@ def _program(kind: str, over: dict):
     """``(jitted, args)`` of one case: what is lowered and compiled."""
     import jax
 
-    from pso_jax import experiment
+    from pso_jax import experiment, particle_space
     from pso_jax.experiment import loop, run
 
     over = dict(over)
@@ -141,7 +142,11 @@ def _program(kind: str, over: dict):
             p, s = template, tx.init(template)
         fn = jax.jit(step, donate_argnums=(0, 1))
         return fn, (p, s, batch["video"], batch["label"])
-    optimizer = run._make_optimizer(cfg, model, None, template, None, False)
+    space = particle_space.make_space(
+        cfg.particle_space, rank=cfg.rank, dim=cfg.subspace_dim, seed=cfg.seed
+    )
+    template = space.template(template)
+    optimizer = run._make_optimizer(cfg, model, None, template, None, False, space)
     if kind == "tell":  # the swarm's update alone (pso's tell), on the demo swarm
         hp = optimizer.default_hparams
         swarm = jax.jit(lambda k: optimizer.init(k, template, hp))(jax.random.key(0))
@@ -151,7 +156,9 @@ def _program(kind: str, over: dict):
 
         fitness = jax.numpy.zeros(cfg.particles)
         return jax.jit(tell, donate_argnums=1), (jax.random.key(1), swarm, fitness)
-    trainer = run._make_trainer(cfg, model, optimizer, None)
+    trainer = run._make_trainer(
+        cfg, run._model_fn(model, cfg.dtype), optimizer, None, space
+    )
     state = jax.jit(lambda k: trainer.init(k, template))(jax.random.key(0))
     first = jax.tree.map(lambda x: x[None], batch)
     return loop._chunk, (trainer, state, first)
@@ -335,14 +342,20 @@ def _summary_rows(records: list[dict]) -> list[dict]:
 def _markdown(result: dict) -> str:
     info = result["machine"]
     rounds = max(r["round"] for r in result["records"]) + 1
+    cold = [r for r in result["records"] if r["compile_s"] > 0.5]
+    threads = statistics.median(r["compile_cpu_s"] / r["compile_s"] for r in cold)
+
+    def load(values):
+        return "/".join(f"{v:.1f}" for v in values)
+
     lines = [
         "# Compile time: the fused swarm train step vs one plain Adam step",
         "",
         f"Command: `{result['command']}`",
         "",
         f"Machine: {_provenance.machine_label(info)}; jax {info['jax']}; "
-        f"{info['date']}; load average at start {info['loadavg_start']}, at end "
-        f"{result['loadavg_end']} (the machine is shared: other jobs ran). Each "
+        f"{info['date']}; load average at start {load(info['loadavg_start'])}, "
+        f"at end {load(result['loadavg_end'])} (the machine is shared). Each "
         f"measurement is a fresh process; {rounds} interleaved round(s) of every "
         "case, a fresh cache directory per round; medians, with the range of the "
         "compile time, and the ratio to `adam` taken within each round.",
@@ -350,8 +363,9 @@ def _markdown(result: dict) -> str:
         "Demo shapes: c3d width 16, tubelet stem, batch 32 of 8x32x32x3 clips, "
         "10 classes. `lower` is tracing to StableHLO (`jit(f).lower(...)`); "
         "`compile` is XLA's (`lowered.compile()`), in wall seconds and in CPU "
-        "seconds of the process (XLA compiled on one thread here, so the CPU "
-        "time is the compile's own work, less inflated by the other jobs); a "
+        "seconds of the process (the median CPU / wall ratio of the cold "
+        f"compiles was {threads:.1f}: XLA used about that many threads; the CPU "
+        "time is the compile's own work, less inflated by other jobs); a "
         "warm row reads what its round's cold row wrote "
         "(`pso_jax.compile_cache`). HLO instructions and fusions are counted "
         "in the compiled module's text. `cache hits` counts every program a "

@@ -42,6 +42,7 @@ from pso_jax.models import make_model
 SPACES = {
     "full": {"name": "full"},
     "lowrank r=1": {"name": "lowrank", "rank": 1},
+    "lowrank r=1, layout out": {"name": "lowrank", "rank": 1, "layout": "out"},
     "lowrank r=4": {"name": "lowrank", "rank": 4},
     "subspace d=64": {"name": "subspace", "dim": 64},
     "subspace d=256": {"name": "subspace", "dim": 256},

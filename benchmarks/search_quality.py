@@ -24,7 +24,8 @@ defaults otherwise):
 
 - pso_jax: ``default``, what ``pso_jax.minimize(fn, (low, high))`` runs with
   no options (``minimize_defaults``: the von Neumann topology with TVAC, w
-  0.9 -> 0.4, c1 2.5 -> 0.5, c2 0.5 -> 2.5 over the run's steps); ``inertia``
+  0.9 -> 0.4, c1 2.5 -> 0.5, c2 0.5 -> 2.5 over the first 40 % of the run's
+  steps, held after); ``inertia``
   with the ``global``, ``ring`` and ``von_neumann``
   topologies, ``spso2011`` (random informants), ``cso`` and ``clpso`` (at its
   constant default w=0.7, and with the paper's w falling linearly from 0.9 to
@@ -744,7 +745,8 @@ SETTINGS_NOTES = (
     "`pso(fn, num_particles=N, bounds=(low, high), "
     "**minimize_defaults(num_steps))`, i.e. topology von_neumann and the TVAC "
     "schedules (w 0.9 -> 0.4, c1 2.5 -> 0.5, c2 0.5 -> 2.5, linear over the "
-    "run), reflecting walls, velocity clamp 0.5 x range.",
+    "first 40 % of the run, then held), reflecting walls, velocity clamp "
+    "0.5 x range.",
     "pso_jax (the other rows): `pso(fn, num_particles=N, variant=..., "
     "topology=..., bounds=(low, high))` with every other argument at pso()'s "
     "default (reflecting walls, velocity clamp 0.5 x range, hash RNG, "

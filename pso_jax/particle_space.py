@@ -16,8 +16,10 @@ coordinates:
   layer by its own scale. State: ``O(P d)``.
 - ``lowrank`` (the LoRA / EGGROLL form; Hu et al., 2021; "Evolution
   Strategies at the Hyperscale", 2025): every kernel of two or more axes,
-  reshaped to ``[m, n]`` (the last axis is ``n``: a conv kernel
-  ``[kt, kh, kw, Ci, Co]`` is ``[kt kh kw Ci, Co]``), becomes ``W₀ + (s/√r) A
+  reshaped to ``[m, n]`` (a dense kernel ``[in, out]`` as it is; a 3-D conv
+  kernel ``[kt, kh, kw, Ci, Co]`` as ``[kh kw Ci, kt Co]`` by default, so each
+  temporal slice gets its own rank-``r`` product and the factors are fewer
+  numbers: ``layout="out"`` gives ``[kt kh kw Ci, Co]``), becomes ``W₀ + (s/√r) A
   Bᵀ`` with per-particle factors ``A [m, r]``, ``B [n, r]``; the base's ``A``
   are fixed ``N(0, 1)`` directions and ``B = 0``, so the base particle *is*
   the base model. Leaves of fewer axes (biases, norms) are swarmed whole, as
@@ -68,6 +70,8 @@ from pso_jax.swarm_axis import invariant
 from pso_jax.types import PyTree, check_int
 
 PARTICLE_SPACES = ("full", "lowrank", "subspace")
+# How lowrank factors a 3-D conv kernel [kt, kh, kw, Ci, Co] (see lowrank).
+LOWRANK_LAYOUTS = ("time_out", "out")
 
 # The scale of a leaf that is constant in the base (zero biases, unit norm
 # scales): its standard deviation is 0, so it gets this one.
@@ -117,7 +121,12 @@ class ParticleSpace(NamedTuple):
 
 
 def make_space(
-    name: str = "full", *, rank: int = 1, dim: int = 256, seed: int = 0
+    name: str = "full",
+    *,
+    rank: int = 1,
+    dim: int = 256,
+    seed: int = 0,
+    layout: str = "time_out",
 ) -> ParticleSpace:
     """The particle space ``name`` (see the module docstring).
 
@@ -126,6 +135,7 @@ def make_space(
       rank: ``r`` of ``lowrank`` (>= 1).
       dim: ``d`` of ``subspace`` (>= 1).
       seed: draws ``lowrank``'s base directions ``A`` and ``subspace``'s ``M``.
+      layout: how ``lowrank`` factors 3-D conv kernels (:func:`lowrank`).
 
     Raises:
       ValueError: naming the bad value.
@@ -139,7 +149,7 @@ def make_space(
         return ParticleSpace("full", lambda p: p, lambda t: t, {})
     if name == "subspace":
         return subspace(dim, seed=seed)
-    return lowrank(rank, seed=seed)
+    return lowrank(rank, seed=seed, layout=layout)
 
 
 def _scale(leaf: jax.Array) -> jax.Array:
@@ -202,8 +212,31 @@ def _factored(leaf) -> bool:
     return jnp.ndim(leaf) >= 2
 
 
-def lowrank(rank: int, *, seed: int = 0) -> ParticleSpace:
-    """``W = W₀ + (s/√r) A Bᵀ`` per kernel, offsets for the rest (module docstring)."""
+def _matrix_shape(shape: tuple[int, ...], layout: str) -> tuple[int, int]:
+    """``(m, n)`` of the matrix a kernel of ``shape`` is factored as."""
+    if layout == "time_out" and len(shape) == 5:
+        return math.prod(shape[1:-1]), shape[0] * shape[-1]
+    return math.prod(shape[:-1]), shape[-1]
+
+
+def _to_kernel(delta: jax.Array, shape: tuple[int, ...], layout: str) -> jax.Array:
+    """The ``[m, n]`` product of :func:`_matrix_shape` back in the kernel's axes."""
+    if layout == "time_out" and len(shape) == 5:
+        kt, kh, kw, ci, co = shape
+        return delta.reshape(kh, kw, ci, kt, co).transpose(3, 0, 1, 2, 4)
+    return delta.reshape(shape)
+
+
+def lowrank(rank: int, *, seed: int = 0, layout: str = "time_out") -> ParticleSpace:
+    """``W = W₀ + (s/√r) A Bᵀ`` per kernel, offsets for the rest (module docstring).
+
+    ``layout`` is how a 3-D conv kernel ``[kt, kh, kw, Ci, Co]`` becomes the
+    ``[m, n]`` matrix that is factored: ``"time_out"`` (default)
+    ``[kh kw Ci, kt Co]``, ``"out"`` ``[kt kh kw Ci, Co]`` (every other kernel,
+    dense or not 5-D, is ``[prod(shape[:-1]), shape[-1]]`` in both).
+    """
+    if layout not in LOWRANK_LAYOUTS:
+        raise ValueError(f"layout={layout!r}: expected one of {LOWRANK_LAYOUTS}")
 
     def template(params):
         leaves, treedef = jax.tree.flatten(params)
@@ -211,7 +244,7 @@ def lowrank(rank: int, *, seed: int = 0) -> ParticleSpace:
         coords = []
         for i, leaf in enumerate(leaves):
             if _factored(leaf):
-                m, n = math.prod(leaf.shape[:-1]), leaf.shape[-1]
+                m, n = _matrix_shape(leaf.shape, layout)
                 a = prandom.normal(jax.random.fold_in(key, i), (m, rank))
                 coords.append({"a": a, "b": jnp.zeros((n, rank), jnp.float32)})
             else:
@@ -226,13 +259,15 @@ def lowrank(rank: int, *, seed: int = 0) -> ParticleSpace:
         out = []
         for leaf, s, c in zip(leaves, scales, coords, strict=True):
             if "a" in c:
-                delta = (s / math.sqrt(rank)) * (c["a"] @ c["b"].T)
+                product = (s / math.sqrt(rank)) * (c["a"] @ c["b"].T)
+                delta = _to_kernel(product, leaf.shape, layout)
             else:
-                delta = s * c["delta"]
-            out.append(leaf + delta.reshape(leaf.shape).astype(leaf.dtype))
+                delta = (s * c["delta"]).reshape(leaf.shape)
+            out.append(leaf + delta.astype(leaf.dtype))
         return jax.tree.unflatten(treedef, out)
 
-    return ParticleSpace("lowrank", template, decode, {"rank": rank, "seed": seed})
+    config = {"rank": rank, "seed": seed, "layout": layout}
+    return ParticleSpace("lowrank", template, decode, config)
 
 
 def decode_best(space: ParticleSpace, swarm) -> PyTree:

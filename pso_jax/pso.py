@@ -515,10 +515,18 @@ def _factors(config: PSOConfig, key, leaf):
     return _uniform(config, key, leaf.shape, leaf.dtype)
 
 
-def _leaf_keys(key, tree, n):
-    """``n`` keys per swarmed leaf, as a list aligned with ``jax.tree.leaves``."""
+def _leaf_keys(config: PSOConfig, key, tree, n):
+    """``n`` keys per swarmed leaf, as a list aligned with ``jax.tree.leaves``.
+
+    With the hash generator they are the keys' seed words, drawn in one
+    vmapped call (``prandom.seeds``: the same numbers as drawing from each key,
+    and one threefry loop in the program instead of one per draw, which took
+    most of a swarm step's compile time).
+    """
     leaves = jax.tree.leaves(tree)
     keys = jax.random.split(key, (len(leaves), n))
+    if not callable(config.rng) and config.rng == "hash":
+        keys = prandom.seeds(keys)
     return [keys[i] for i in range(len(leaves))]
 
 
@@ -560,8 +568,8 @@ def _sample_positions(config, key, template_sw, low, high, hp, frozen):
     """Initial-distribution positions ``[n, ...]`` and velocities."""
     axis = config.axis
     key_x, key_v, key_fn = jax.random.split(key, 3)
-    kx = _leaf_keys(key_x, template_sw, 1)
-    kv = _leaf_keys(key_v, template_sw, 1)
+    kx = _leaf_keys(config, key_x, template_sw, 1)
+    kv = _leaf_keys(config, key_v, template_sw, 1)
     drawn_sw = None
     if config.init_fn is not None:
         keys_fn = axis.own_slice(jax.random.split(key_fn, config.num_particles))
@@ -832,7 +840,7 @@ def _move(config, key, state, hp, pbest, p_score, improved, g, g_row):
         g,
         g_row,
     )
-    keys = _leaf_keys(key, state.positions, 4)
+    keys = _leaf_keys(config, key, state.positions, 4)
     handling = bounds_lib.handler_tree(config.bound_handling, state.positions)
     if config.variant == "spso2011":
         return _spso2011_move(
@@ -934,7 +942,7 @@ def _cso_move(config, key, state, hp, f_score):
     key_pair, key_r = jax.random.split(key)
     partner, is_loser = _cso_pairs(config, key_pair, f_score)
     x_partner = config.axis.gather_rows(state.positions, partner)
-    keys = _leaf_keys(key_r, state.positions, 4)
+    keys = _leaf_keys(config, key_r, state.positions, 4)
     handling = bounds_lib.handler_tree(config.bound_handling, state.positions)
 
     def one(i, x, v, xp, lo, hi, vs, h):
@@ -976,7 +984,7 @@ def _clpso_draw(config, key, positions, p_score):
     own = axis.own_rows()
     pc = velocity_lib.clpso_learning_probability(own, P)
     key_leaves, key_forced = jax.random.split(key)
-    keys = _leaf_keys(key_leaves, positions, 3)
+    keys = _leaf_keys(config, key_leaves, positions, 3)
 
     def winners(i, x):
         shape, dtype = x.shape, jnp.float32
@@ -1027,7 +1035,7 @@ def _clpso_exemplars(config, key, state, hp, improved, p_score):
 
 def _clpso_move(config, key, state, hp, pbest, exemplars):
     """CLPSO's move: each coordinate follows its exemplar's personal best."""
-    keys = _leaf_keys(key, state.positions, 2)
+    keys = _leaf_keys(config, key, state.positions, 2)
     handling = bounds_lib.handler_tree(config.bound_handling, state.positions)
 
     def one(i, x, v, p, ex, lo, hi, vs, h):
@@ -1072,7 +1080,7 @@ def _remedy(config, key, state, hp, swarm, f_score):
             config, key, template, state.low, state.high, hp, state.frozen_params
         )
     else:
-        keys = _leaf_keys(key, template, 2)
+        keys = _leaf_keys(config, key, template, 2)
 
         def around_best(i, b, vs, lo, hi, v_old):
             scale = hp.init_scale if vs is None else vs

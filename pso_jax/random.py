@@ -62,6 +62,8 @@ Caveats:
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 import warnings
 
@@ -70,7 +72,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-__all__ = ["bits", "normal", "uniform"]
+__all__ = ["Seeds", "bits", "normal", "seeds", "uniform"]
 
 _IMPLS = ("hash", "jax")
 _DTYPES = tuple(np.dtype(d) for d in (jnp.bfloat16, jnp.float16, jnp.float32))
@@ -193,9 +195,14 @@ def _row_offset_u32(row_offset, num_rows: int) -> jax.Array:
     return row_offset.astype(jnp.uint32)
 
 
-def _check_args(impl, shape, dtype, fn_name: str, row_offset):
-    """Checked ``(shape, dtype)`` of a draw; ``impl="jax"`` cannot take an offset."""
+def _check_args(impl, key, shape, dtype, fn_name: str, row_offset):
+    """Checked ``(shape, dtype)`` of a draw; ``impl="jax"`` takes no offset or seeds."""
     _check_impl(impl)
+    if impl == "jax" and isinstance(key, Seeds):
+        raise ValueError(
+            f"{fn_name}: impl='jax' needs a key, got Seeds (hash seed words); "
+            "pass the key itself, or use impl='hash'."
+        )
     shape = _check_shape(shape)
     dtype = _check_dtype(dtype, fn_name)
     if impl == "jax" and not _is_zero(row_offset):
@@ -207,9 +214,81 @@ def _check_args(impl, shape, dtype, fn_name: str, row_offset):
     return shape, dtype
 
 
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=["words"], meta_fields=[]
+)
+@dataclasses.dataclass(frozen=True)
+class Seeds:
+    """Keys' hash seed words, drawn ahead by :func:`seeds` (a pytree).
+
+    :func:`uniform`, :func:`normal` and :func:`bits` take one key's (``words``
+    of shape ``[4]``) in place of that key and give exactly what it gives.
+    Indexing selects keys, as it would on the batch of keys.
+    """
+
+    words: jax.Array  # uint32 [*batch, 4]
+
+    def __getitem__(self, index) -> Seeds:
+        return Seeds(self.words[index])  # leading (batch) axes; words stay last
+
+
+def _key_words(key: jax.Array) -> jax.Array:
+    return jax.random.bits(key, (4,), jnp.uint32)
+
+
+def seeds(keys: jax.Array) -> Seeds:
+    """The hash seed words of every key of ``keys`` (any batch shape), at once.
+
+    Drawing from a key costs one tiny threefry evaluation, which XLA:CPU
+    compiles as a rolled loop of its own; a swarm step that draws from 4 keys
+    per leaf compiles dozens of them. One vmapped draw over all the keys is one
+    such loop, and gives bitwise the same words (``rbg`` and ``unsafe_rbg``
+    keys, whose vmapped draws differ from their single ones, are drawn one at
+    a time).
+
+    >>> import jax
+    >>> from pso_jax.random import seeds, uniform
+    >>> keys = jax.random.split(jax.random.key(0), (3, 2))
+    >>> s = seeds(keys)
+    >>> s.words.shape
+    (3, 2, 4)
+    >>> bool((uniform(s[1, 0], (4, 5)) == uniform(keys[1, 0], (4, 5))).all())
+    True
+
+    Args:
+      keys: typed keys of any shape, or legacy ``uint32`` keys (trailing key
+        data axis).
+
+    Returns:
+      ``Seeds`` whose ``words`` are ``uint32`` of shape ``batch + (4,)``;
+      index it like the batch of keys.
+    """
+    typed = jnp.issubdtype(keys.dtype, jax.dtypes.prng_key)
+    if not typed:
+        keys = jax.random.wrap_key_data(keys)
+    batch = keys.shape
+    flat = keys.reshape(-1)
+    if str(jax.random.key_impl(flat)) == "threefry2x32":
+        words = jax.vmap(_key_words)(flat)
+    else:
+        words = jnp.stack([_key_words(k) for k in flat])
+    return Seeds(words.reshape(batch + (4,)))
+
+
+def _key_or_seed_words(key) -> jax.Array:
+    if isinstance(key, Seeds):
+        if key.words.shape != (4,):
+            raise ValueError(
+                "a draw takes one key's Seeds (words of shape (4,)), got words of "
+                f"shape {key.words.shape}; index the Seeds first."
+            )
+        return key.words
+    return _key_words(key)
+
+
 def _seeds_and_row(key, shape, row_offset):
     """The hash generator's 4 seed words (the only key work) and first row."""
-    return jax.random.bits(key, (4,), jnp.uint32), _row_offset_u32(row_offset, shape[0])
+    return _key_or_seed_words(key), _row_offset_u32(row_offset, shape[0])
 
 
 def _hash_bits(
@@ -262,7 +341,8 @@ def bits(
     'uint32'
 
     Args:
-      key: a typed key or a legacy ``uint32`` key (one scalar key).
+      key: a typed key or a legacy ``uint32`` key (one scalar key), or one
+        key's :class:`Seeds`.
       shape: output shape, at least 1-D, every entry >= 1.
       row_offset: as in :func:`uniform`.
 
@@ -273,9 +353,8 @@ def bits(
       ValueError: bad ``shape`` or ``row_offset``.
     """
     shape = _check_shape(shape)
-    row = _row_offset_u32(row_offset, shape[0])
-    seeds = jax.random.bits(key, (4,), jnp.uint32)
-    return _hash_bits(seeds, shape, row, 0)
+    words, row = _seeds_and_row(key, shape, row_offset)
+    return _hash_bits(words, shape, row, 0)
 
 
 def uniform(
@@ -308,7 +387,8 @@ def uniform(
 
     Args:
       key: a typed key (``jax.random.key(seed)``, any impl) or a legacy
-        ``uint32`` key. One scalar key; vmap over keys for a batch.
+        ``uint32`` key, or one key's :class:`Seeds` (``impl="hash"`` only).
+        One scalar key; vmap over keys for a batch.
       shape: output shape, at least 1-D, every entry >= 1.
         ``prod(shape[1:])`` must be <= 2**32.
       dtype: bfloat16, float16, float32 or float64 (float64 needs
@@ -330,7 +410,7 @@ def uniform(
       ValueError: unknown ``impl``, unsupported ``dtype``, bad ``shape`` or
         ``row_offset``, or a nonzero ``row_offset`` with ``impl="jax"``.
     """
-    shape, dtype = _check_args(impl, shape, dtype, "uniform", row_offset)
+    shape, dtype = _check_args(impl, key, shape, dtype, "uniform", row_offset)
     if impl == "jax":
         return jax.random.uniform(key, shape, dtype)
     seeds, row = _seeds_and_row(key, shape, row_offset)
@@ -363,7 +443,8 @@ def normal(
     ((4, 3), True)
 
     Args:
-      key: a typed key or a legacy ``uint32`` key (one scalar key).
+      key: a typed key or a legacy ``uint32`` key (one scalar key), or one
+        key's :class:`Seeds`.
       shape: output shape, at least 1-D, every entry >= 1.
       dtype: bfloat16, float16, float32 or float64.
       impl: ``"hash"`` (default) or ``"jax"`` (``jax.random.normal``).
@@ -375,7 +456,7 @@ def normal(
     Raises:
       ValueError: as in :func:`uniform`.
     """
-    shape, dtype = _check_args(impl, shape, dtype, "normal", row_offset)
+    shape, dtype = _check_args(impl, key, shape, dtype, "normal", row_offset)
     if impl == "jax":
         return jax.random.normal(key, shape, dtype)
     seeds, row = _seeds_and_row(key, shape, row_offset)

@@ -37,7 +37,8 @@ particle, or broadcastable): the random factors are drawn by the caller
   time-varying acceleration coefficients", IEEE TEC 8(3): ``c1`` falls from
   2.5 to 0.5 and ``c2`` rises from 0.5 to 2.5 over the run, with the inertia
   falling linearly from 0.9 to 0.4 (Shi & Eberhart, 1999, "Empirical study of
-  particle swarm optimization"): explore first, converge at the end.
+  particle swarm optimization"): explore first, converge at the end. Here the
+  schedules may take only the first part of the run (``span``) and hold.
 - Order-2 stability region: Poli (2009), "Mean and variance of the sampling
   distribution of particle swarm optimizers during stagnation":
   ``|w| < 1`` and ``c1 + c2 < 24 (1 - w^2) / (7 - 5 w)``.
@@ -294,24 +295,37 @@ def finish(x, v_new, vmax, low, high, handling, u=None):
 TVAC = {"inertia": (0.9, 0.4), "cognitive": (2.5, 0.5), "social": (0.5, 2.5)}
 
 
-def time_varying_coefficients(num_steps: int) -> dict:
+def time_varying_coefficients(num_steps: int, span: float = 1.0) -> dict:
     """``w``, ``c1``, ``c2`` schedules of TVAC over a run of ``num_steps`` steps.
 
     ``w`` falls 0.9 -> 0.4, ``c1`` 2.5 -> 0.5, ``c2`` rises 0.5 -> 2.5
-    (:data:`TVAC`). The start lies outside the order-2 stability region on
-    purpose (a widely exploring swarm); from about a quarter of the run on it is
-    inside, and the run ends with a strong pull to the neighbourhood best.
+    (:data:`TVAC`) over the first ``span`` fraction of the run (at least one
+    step), and the end values hold after it. The start lies outside the
+    order-2 stability region on purpose (a widely exploring swarm); from about
+    a quarter of the schedule on it is inside, and it ends with a strong pull
+    to the neighbourhood best.
+
+    Args:
+      num_steps: the run's length in steps, an int >= 1.
+      span: the fraction of the run the schedules take, in (0, 1].
 
     Returns:
       ``{"inertia": fn, "cognitive": fn, "social": fn}``, to pass as
       ``pso(..., **time_varying_coefficients(n))``.
 
+    Raises:
+      ValueError: ``num_steps`` < 1 or ``span`` outside (0, 1].
+
     >>> sched = time_varying_coefficients(1000)
     >>> [round(float(sched[k](1000)), 3) for k in ("inertia", "cognitive", "social")]
     [0.4, 0.5, 2.5]
+    >>> half = time_varying_coefficients(1000, span=0.5)
+    >>> [round(float(half["inertia"](t)), 3) for t in (250, 500, 1000)]
+    [0.65, 0.4, 0.4]
     """
     if int(num_steps) < 1:
         raise ValueError(f"num_steps={num_steps!r}: expected an int >= 1")
-    return {
-        k: optax.linear_schedule(a, b, int(num_steps)) for k, (a, b) in TVAC.items()
-    }
+    if not 0.0 < float(span) <= 1.0:
+        raise ValueError(f"span={span!r}: expected a fraction in (0, 1]")
+    length = max(1, round(float(span) * int(num_steps)))
+    return {k: optax.linear_schedule(a, b, length) for k, (a, b) in TVAC.items()}

@@ -88,6 +88,30 @@ def test_lowrank_decode_is_the_scaled_product():
     np.testing.assert_allclose(out["k"], expected, rtol=1e-5, atol=1e-6)
 
 
+def test_lowrank_time_out_layout_factors_kt_with_the_output_channels():
+    # A 3-D conv kernel [kt, kh, kw, Ci, Co] is factored as [kh kw Ci, kt Co].
+    w = jax.random.normal(jax.random.key(0), (3, 2, 2, 4, 5))
+    space = ps.lowrank(1)
+    assert space.config["layout"] == "time_out"
+    tree = space.template({"k": w, "d": jnp.ones((7, 3))})
+    assert tree["coords"]["k"]["a"].shape == (16, 1)
+    assert tree["coords"]["k"]["b"].shape == (15, 1)
+    assert tree["coords"]["d"]["a"].shape == (7, 1)  # dense kernels as before
+    a = jax.random.normal(jax.random.key(1), (16, 1))
+    b = jax.random.normal(jax.random.key(2), (15, 1))
+    coords = {"k": {"a": a, "b": b}, "d": tree["coords"]["d"]}
+    out = space.decode({"base": tree["base"], "coords": coords})
+    prod = (a @ b.T).reshape(2, 2, 4, 3, 5)  # [kh, kw, Ci, kt, Co]
+    for t in range(3):  # every temporal slice is its own rank-1 matrix
+        expected = w[t] + jnp.std(w) * prod[:, :, :, t, :]
+        np.testing.assert_allclose(out["k"][t], expected, rtol=1e-5, atol=1e-6)
+    # The "out" layout is the whole kernel as [kt kh kw Ci, Co].
+    old = ps.lowrank(1, layout="out").template({"k": w})
+    assert old["coords"]["k"]["a"].shape == (48, 1)
+    with pytest.raises(ValueError, match="layout='in'"):
+        ps.lowrank(1, layout="in")
+
+
 def _subspace_swarm(model, params, x, num=6):
     space = ps.subspace(40)
     template = space.template(params)
@@ -170,7 +194,11 @@ def test_state_per_particle_of_the_demo_model():
     low = ps.state_floats_per_particle(ps.lowrank(1), params)
     assert sub == 3 * 256
     assert sub / full < 0.05
-    assert low / full < 0.07  # rank 1: the kernels' factors plus whole biases/norms
+    # Rank 1: the kernels' factors plus whole biases/norms, 3 x 612 (the "out"
+    # layout, [kt kh kw Ci, Co]: 3 x 948, 5.3 %).
+    assert low == 3 * 612
+    assert low / full < 0.05
+    assert ps.state_floats_per_particle(ps.lowrank(1, layout="out"), params) == 3 * 948
     # The swarm's state agrees: eval_shape of init, per particle.
     space = ps.subspace(256)
     template = space.template(params)

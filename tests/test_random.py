@@ -104,6 +104,43 @@ def test_key_kinds(make_key):
     assert abs(u.mean() - 0.5) < Z * np.sqrt(1 / 12 / u.size)
 
 
+@pytest.mark.parametrize(
+    "make_keys",
+    [
+        lambda: jax.random.split(jax.random.key(3), (5, 4)),
+        lambda: jax.random.split(jax.random.key(3, impl="rbg"), (5, 4)),
+        lambda: jax.random.split(jax.random.key(3, impl="unsafe_rbg"), (5, 4)),
+        lambda: jax.random.split(jax.random.PRNGKey(3), 20).reshape(5, 4, 2),
+    ],
+    ids=["threefry", "rbg", "unsafe_rbg", "legacy"],
+)
+def test_seeds_draw_what_their_keys_draw(make_keys):
+    # rbg's vmapped draws differ from its single ones: seeds() must not vmap them.
+    keys = make_keys()
+    seeds = jax.jit(pso_random.seeds)(keys)
+    assert seeds.words.shape == (5, 4, 4) and seeds.words.dtype == jnp.uint32
+    for i, j in [(0, 0), (2, 3), (4, 1)]:
+        for draw in (uniform, normal, bits):
+            jitted = jax.jit(draw, static_argnums=1)
+            np.testing.assert_array_equal(
+                jitted(seeds[i, j], (6, 7)), jitted(keys[i, j], (6, 7))
+            )
+    np.testing.assert_array_equal(
+        uniform(seeds[1][2], (3, 5), row_offset=4),
+        uniform(keys[1, 2], (3, 5), row_offset=4),
+    )
+
+
+def test_seeds_errors(key):
+    seeds = pso_random.seeds(jax.random.split(key, 3))
+    with pytest.raises(ValueError, match=r"words of shape \(3, 4\)"):
+        uniform(seeds, (2, 2))
+    with pytest.raises(ValueError, match="impl='jax' needs a key, got Seeds"):
+        uniform(seeds[0], (2, 2), impl="jax")
+    with pytest.raises(ValueError, match="impl='jax' needs a key, got Seeds"):
+        normal(seeds[0], (2, 2), impl="jax")
+
+
 # --------------------------------------------------------------------------
 # Uniformity
 
