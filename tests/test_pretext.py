@@ -130,8 +130,14 @@ def test_batch_fn_never_passes_labels_on():
 
 @pytest.mark.parametrize(
     "name, local_steps, model_name",
-    # The Transformer on VideoMAE's own task too.
-    [("masked", 2, "c3d"), ("order", 0, "c3d"), ("masked", 2, "vivit")],
+    # The Transformer on every task too (VideoMAE's masked one first).
+    [
+        ("masked", 2, "c3d"),
+        ("order", 0, "c3d"),
+        ("masked", 2, "vivit"),
+        ("next_frame", 2, "vivit"),
+        ("order", 2, "vivit"),
+    ],
 )
 def test_a_task_trains_as_fitness_and_gradient_loss(name, local_steps, model_name):
     task = pretext.make_task(name, CLIP, PATCH)
