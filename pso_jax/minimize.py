@@ -346,7 +346,6 @@ def _check_minimize_args(fitness_fn, key, num_steps, restarts, restart_growth):
 # lost on 4 (Rastrigin at every D: less exploring time).
 DEFAULT_TOPOLOGY = "von_neumann"
 DEFAULT_TVAC_SPAN = 0.4
-DEFAULT_TOPOLOGY = "von_neumann"
 _COEFFICIENTS = ("inertia", "cognitive", "social")
 
 

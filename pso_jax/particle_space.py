@@ -212,16 +212,21 @@ def _factored(leaf) -> bool:
     return jnp.ndim(leaf) >= 2
 
 
+def _time_out(shape: tuple[int, ...], layout: str) -> bool:
+    """Whether a kernel of ``shape`` is factored as ``[kh kw Ci, kt Co]``."""
+    return layout == "time_out" and len(shape) == 5
+
+
 def _matrix_shape(shape: tuple[int, ...], layout: str) -> tuple[int, int]:
     """``(m, n)`` of the matrix a kernel of ``shape`` is factored as."""
-    if layout == "time_out" and len(shape) == 5:
+    if _time_out(shape, layout):
         return math.prod(shape[1:-1]), shape[0] * shape[-1]
     return math.prod(shape[:-1]), shape[-1]
 
 
 def _to_kernel(delta: jax.Array, shape: tuple[int, ...], layout: str) -> jax.Array:
     """The ``[m, n]`` product of :func:`_matrix_shape` back in the kernel's axes."""
-    if layout == "time_out" and len(shape) == 5:
+    if _time_out(shape, layout):
         kt, kh, kw, ci, co = shape
         return delta.reshape(kh, kw, ci, kt, co).transpose(3, 0, 1, 2, 4)
     return delta.reshape(shape)
@@ -262,7 +267,7 @@ def lowrank(rank: int, *, seed: int = 0, layout: str = "time_out") -> ParticleSp
                 product = (s / math.sqrt(rank)) * (c["a"] @ c["b"].T)
                 delta = _to_kernel(product, leaf.shape, layout)
             else:
-                delta = (s * c["delta"]).reshape(leaf.shape)
+                delta = s * c["delta"]  # the leaf's own shape
             out.append(leaf + delta.astype(leaf.dtype))
         return jax.tree.unflatten(treedef, out)
 

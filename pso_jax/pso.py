@@ -525,7 +525,7 @@ def _leaf_keys(config: PSOConfig, key, tree, n):
     """
     leaves = jax.tree.leaves(tree)
     keys = jax.random.split(key, (len(leaves), n))
-    if not callable(config.rng) and config.rng == "hash":
+    if config.rng == "hash":  # (a callable rng gets the keys themselves)
         keys = prandom.seeds(keys)
     return [keys[i] for i in range(len(leaves))]
 
