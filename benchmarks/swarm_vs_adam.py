@@ -25,6 +25,11 @@ swarm steps, a unit of compute is ``P * S * k`` gradient steps:
    winner after S/15 steps, ``race`` after 4S/15, ``halving`` keeps 2 after
    2S/15 and 1 after 6S/15; each runs longer, so that its particle steps are
    ``P * S`` like every other run's.
+7. split batch (``split_batch=True``; no swarm move): every particle fits its
+   own ``B / P`` clips of each batch, so one swarm step costs one model's step
+   at batch ``B`` and the run takes all ``P * S`` steps; ``split`` at the
+   default learning rate, ``split_pbt`` with the range and the exploit. Its
+   gradient steps are counted at the full batch (``P`` particle steps as one).
 
 Every run validates ``--evals`` times and returns the validation winner among
 its candidates (for one model: the final model or its best checkpoint), so the
@@ -99,6 +104,10 @@ def _configs(args, seed: int, lr_scale: float = 1.0) -> dict[str, list]:
         # weights by their gradient steps only.
         "pbt_hpso": [cfg(s, **population, **no_move, hparam_move="pso")],
         "pbt_both": [cfg(s, **population, **no_move, hparam_move="both")],
+        # Split batch: every particle fits its own B / P clips of the batch, so
+        # a swarm step costs one model's step and the run takes all P * S steps.
+        "split": [cfg(p * s, **no_move, split_batch=True)],
+        "split_pbt": [cfg(p * s, **population, **no_move, split_batch=True)],
     }
     # Successive halving: P particles race their learning rates for the first
     # R steps, then the validation winner trains alone; its run is longer so
@@ -127,12 +136,18 @@ def _train(cfg, workdir: Path) -> dict:
         "val_accuracy": summary["candidates_val_accuracy"][returned],
         "returned": returned,
         "candidates_test": summary.get("candidates_test_accuracy"),
-        "grad_steps": particle_steps(cfg) * cfg.local_steps,
+        "grad_steps": _grad_steps(cfg),
         "wall_s": time.perf_counter() - t0,
         "learning_rate": cfg.learning_rate,
         "hparams": summary.get("grad_hparams_best_first"),
         "curve": _curve(workdir, cfg),
     }
+
+
+def _grad_steps(cfg, step: int | None = None) -> int:
+    """Gradient steps at the full batch: a split run's count ``P`` as one."""
+    done = particle_steps(cfg, step) * cfg.local_steps
+    return done // cfg.particles if cfg.split_batch else done
 
 
 def _curve(workdir: Path, cfg) -> list[tuple[int, float]]:
@@ -141,8 +156,7 @@ def _curve(workdir: Path, cfg) -> list[tuple[int, float]]:
     for line in (workdir / "metrics.jsonl").read_text().splitlines():
         r = json.loads(line)
         if "val_accuracy" in r:
-            done = particle_steps(cfg, r["step"])
-            out.append((done * cfg.local_steps, r["val_accuracy"]))
+            out.append((_grad_steps(cfg, r["step"]), r["val_accuracy"]))
     return out
 
 
@@ -172,6 +186,8 @@ def _tables(results: dict) -> list[str]:
         "pbt_hpso",
         "pbt_both",
         *_RACES,
+        "split",
+        "split_pbt",
     ):
         if col(run):
             steps = next(iter(per.values()))[run][0]["grad_steps"]
@@ -297,7 +313,8 @@ def _write(results: dict, out: Path) -> None:
         "",
         "Test accuracy of the model each run returns (the validation winner among "
         "its candidates). Gradient steps: particle steps x k (particles x swarm "
-        "steps, summed over a narrowing run's phases).",
+        "steps, summed over a narrowing run's phases; a split-batch run's P "
+        "particle steps at B / P clips count as one).",
     ]
     (out / f"{name}.md").write_text("\n".join(md) + "\n")
 

@@ -548,6 +548,13 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         help="particles around one init, or one fresh init each",
     )
     s.add_argument("--batch-size", type=_positive_int)
+    s.add_argument(
+        "--split-batch",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="every particle fits its own batch-size/particles clips: the swarm's "
+        "step costs one model's",
+    )
     s.add_argument("--inertia", type=float, help="w (default: the variant's)")
     s.add_argument("--cognitive", type=float, help="c1 (default: the variant's)")
     s.add_argument("--social", type=float, help="c2 (default: the variant's)")

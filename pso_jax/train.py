@@ -401,6 +401,45 @@ def check_labels(labels, num_classes: int, where: str) -> None:
         )
 
 
+def _check_split(split_batch: bool, axis) -> None:
+    if not isinstance(split_batch, bool):
+        raise ValueError(f"split_batch={split_batch!r}: expected True or False")
+    if split_batch and axis.data_axis is not None:
+        raise ValueError(
+            f"split_batch=True with the {axis.data_axis!r} mesh axis: the batch is "
+            "split over the particles or over the data axis, not both"
+        )
+
+
+def _slice_size(batch, axis) -> int:
+    """Clips per particle of a split batch (``B / P``), checked."""
+    b = jax.tree.leaves(batch)[0].shape[0]
+    if b % axis.num_particles:
+        raise ValueError(
+            f"split_batch: the batch of {b} clips does not split over "
+            f"{axis.num_particles} particles: use a multiple of "
+            f"{axis.num_particles} clips"
+        )
+    return b // axis.num_particles
+
+
+def _particle_slices(batch, parts, axis) -> dict:
+    """Every particle's own ``B / P`` clips of ``batch``: ``[P_local, B / P, ...]``."""
+    keys = parts.keys
+    per = _slice_size({k: batch[k] for k in keys}, axis)
+
+    def rows(x):
+        return axis.own_slice(x.reshape(axis.num_particles, per, *x.shape[1:]))
+
+    return {k: rows(batch[k]) for k in keys}
+
+
+def _first_slice(batch, axis) -> dict:
+    """The first ``B / P`` clips of ``batch`` (a split step's fitness batch)."""
+    per = _slice_size(batch, axis)
+    return jax.tree.map(lambda x: x[:per], batch)
+
+
 def _selection_batch(batch, video_key, label_key):
     """The batch the fitness is measured on: ``select_<key>`` entries, if any.
 
@@ -466,6 +505,7 @@ def make_train_step(
     hparam_move: str = "exploit",
     recenter_fn: Callable[[PSOState], PSOState] | None = None,
     recenter_every: int = 0,
+    split_batch: bool = False,
 ) -> Trainer:
     """Build the fused swarm train step for a classifier.
 
@@ -528,6 +568,13 @@ def make_train_step(
       recenter_fn, recenter_every: every ``recenter_every`` steps (0: never),
         after the move, ``recenter_fn(swarm) -> swarm``, e.g.
         :func:`pso_jax.particle_space.recenter` (sees the device's particles).
+      split_batch: ``False``: every particle's gradient steps fit the whole
+        batch of ``B`` clips. ``True``: particle ``i`` fits its own ``B / P``
+        clips (rows ``i * B / P`` onwards), and the fitness of every particle
+        and best is measured on the first ``B / P`` clips of the selection
+        batch: a step of ``P`` models then costs one model's step at batch
+        ``B``, and the particles learn from different data. ``B`` must be a
+        multiple of ``P`` (padding included); not with a ``"data"`` mesh axis.
 
     Returns:
       A :class:`Trainer`. Sharded, its ``init``, ``step`` and ``scan`` take and
@@ -558,9 +605,10 @@ def make_train_step(
         logits = apply_here(params, batch[video_key])
         return fitness_fn(logits, batch[label_key]), logits
 
+    _check_split(split_batch, axis)
     local_sgd = jax.vmap(
         _local_sgd(apply_here, grad_loss, tx_fn, local_steps, video_key, label_key),
-        in_axes=(0, 0, 0, None, None),
+        in_axes=(0, 0, 0, None, 0 if split_batch else None),
     )
     parts = _StepParts(
         swarm_opt=swarm_opt,
@@ -576,6 +624,7 @@ def make_train_step(
         keys=(video_key, label_key),
         targets=callable(fitness),
         recenter=(recenter_every, recenter_fn),
+        split_batch=split_batch,
     )
 
     init = functools.partial(
@@ -633,6 +682,7 @@ class _StepParts:
     keys: tuple[str, str]  # video, label
     targets: bool  # labels may be real targets [B, ...] (a callable fitness)
     recenter: tuple[int, Callable | None]  # every, fn
+    split_batch: bool  # every particle fits its own B / P clips
 
 
 def _train_step(parts: _StepParts, key, state: TrainState, batch: dict, hparams=None):
@@ -657,10 +707,12 @@ def _train_step(parts: _StepParts, key, state: TrainState, batch: dict, hparams=
             opt_state,
             state.grad_hparams or {},
             swarm.frozen_params,
-            batch,
+            _particle_slices(batch, parts, axis) if parts.split_batch else batch,
         )
         swarm = swarm.replace(positions=positions)
     fit_batch = _selection_batch(batch, *parts.keys)
+    if parts.split_batch:
+        fit_batch = _first_slice(fit_batch, axis)
 
     def evaluate_stack(swarmed):
         return swarm_fitness(

@@ -470,6 +470,38 @@ def check_train(out: dict) -> None:
                 "rows_per_shard": _rows(got[0].swarm.positions["Conv_0"]["kernel"]),
             }
     _check_train_subspace(out, apply_fn, params, batch)
+    _check_train_split(out, apply_fn, params, batch)
+
+
+def _check_train_split(out: dict, apply_fn, params, batch) -> None:
+    """``split_batch``: every particle fits its own clip of 16, on 4 devices
+    (each device's particles take their rows of the batch)."""
+    import jax.numpy as jnp
+    import optax
+
+    import pso_jax
+    from pso_jax import sharding, train
+
+    video = jnp.concatenate([batch["video"], -batch["video"]])
+    batch = {"video": video, "label": jnp.arange(16) % 3}
+    kw = dict(local_steps=2, grad_optimizer=optax.adam(0.05), split_batch=True)
+    ref = pso_jax.pso(num_particles=NUM_PARTICLES)
+    hp = ref.default_hparams
+    want = _train_run(train.make_train_step(apply_fn, ref, **kw), params, batch, hp)
+    opt = pso_jax.pso(num_particles=NUM_PARTICLES, mesh=sharding.make_mesh(4))
+    got = _train_run(train.make_train_step(apply_fn, opt, **kw), params, batch, hp)
+    out["train/split/4x1"] = {
+        "state": _compare(want[0], got[0]),
+        "metrics": _compare(_no_diversity(want[1]), _no_diversity(got[1])),
+        "diversity": _rel_diff(want[1].diversity, got[1].diversity),
+        "rows_per_shard": _rows(got[0].swarm.positions["Conv_0"]["kernel"]),
+    }
+    data_mesh = sharding.make_mesh(4, data=2)
+    opt = pso_jax.pso(num_particles=NUM_PARTICLES, mesh=data_mesh)
+    try:
+        train.make_train_step(apply_fn, opt, **kw)
+    except ValueError as e:
+        out["train/split/4x1"]["data_axis_error"] = str(e)
 
 
 def _check_train_subspace(out: dict, apply_fn, params, batch) -> None:

@@ -229,11 +229,44 @@ def test_head_only_swarm_keeps_the_backbone_shared(data_dir, tmp_path):
         ({"dtype": "float16"}, "dtype='float16'"),
         ({"lr_warmup": 1.0}, r"lr_warmup=1.0: must be in \[0, 1\)"),
         ({"lr_warmup": -0.1}, "lr_warmup=-0.1"),
+        ({"split_batch": "yes"}, "split_batch='yes'"),
+        ({"split_batch": True, "batch_size": 10}, "batch_size=10.*among 4"),
+        (
+            {"split_batch": True, "narrow_at": ((2, 3),)},
+            r"batch_size=8.*among 3 particles.*\(4, 3\)",
+        ),
     ],
 )
 def test_bad_configs_name_the_value(override, match):
     with pytest.raises(ValueError, match=match):
         experiment.get_config("smoke", **override)
+
+
+@pytest.mark.parametrize(
+    "kw, parallel, match",
+    [
+        ({}, {"data": 2}, "split_batch with data=2"),
+        ({"particles": 3, "batch_size": 6}, {"pad": True}, "padded to 4"),
+    ],
+)
+def test_split_batch_layout_errors_name_the_sizes(kw, parallel, match, monkeypatch):
+    cfg = experiment.get_config("smoke", split_batch=True, **kw)
+    monkeypatch.setattr(experiment.Parallelism, "num_devices", lambda self: 4)
+    layout = experiment.Parallelism(devices=4, **parallel)
+    with pytest.raises(ValueError, match=match):
+        experiment.config._check_layout(cfg, layout)
+    # The same config on one device is valid.
+    experiment.validate_config(cfg)
+
+
+@pytest.mark.parametrize(
+    "flags, given", [([], {}), (["--split-batch"], {"split_batch": True})]
+)
+def test_cli_split_batch_is_a_config_field_only_when_given(flags, given):
+    args = cli._parser().parse_args(["train", *flags])
+    assert {k: v for k, v in cli._given_fields(args).items() if k == "split_batch"} == (
+        given
+    )
 
 
 def test_lr_warmup_rises_from_zero_then_decays_as_the_cosine():

@@ -234,6 +234,7 @@ def test_data_axis_splits_the_batch(runs):
         "hybrid-macro_f1/4x2",
         "pbt/4x1",
         "subspace-recenter/4x1",
+        "split/4x1",
     ],
 )
 def test_video_train_step_equals_unsharded(runs, case):
@@ -247,6 +248,10 @@ def test_video_train_step_equals_unsharded(runs, case):
     assert r["diversity"] < 1e-5
     if case.startswith("subspace"):
         assert r["epoch"] == 2  # re-centred after each of the 2 steps
+    if case.startswith("split"):
+        assert "split over the particles or over the data axis" in r.get(
+            "data_axis_error", ""
+        )
 
 
 def test_checkpoint_saved_on_8_devices_restores_on_2(runs):

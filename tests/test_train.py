@@ -346,3 +346,48 @@ def test_make_train_step_names_bad_options(kwargs, match):
 
     with pytest.raises(ValueError, match=match):
         train.make_train_step(apply_fn, pso_jax.hybrid_pso(4), **kwargs)
+
+
+def test_split_batch_steps_each_particle_on_its_own_clips(setup):
+    """``split_batch``: particle i's gradient step is an optax step on clips
+    3i..3i+2 of the 12; the fitness of all is measured on the first 3."""
+    template, batch = setup
+    opt = _opt(inertia=0.0, cognitive=0.0, social=0.0)  # the step moves nothing
+    sgd = optax.sgd(0.5)
+    tr = train.make_train_step(
+        apply_fn, opt, local_steps=1, grad_optimizer=sgd, split_batch=True
+    )
+    st = tr.init(jax.random.key(1), template)
+    new, _ = jax.jit(tr.step)(None, st, batch)
+
+    def loss(p, rows):
+        return train.cross_entropy(
+            apply_fn(p, batch["video"][rows]), batch["label"][rows]
+        )
+
+    for i in range(4):
+        p = jax.tree.map(lambda a, i=i: a[i], st.swarm.positions)
+        g = jax.grad(loss)(p, slice(3 * i, 3 * i + 3))
+        want = optax.apply_updates(p, sgd.update(g, sgd.init(p), p)[0])
+        got = jax.tree.map(lambda a, i=i: a[i], new.swarm.positions)
+        chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
+        # Its fitness: on the first slice, shared by every particle.
+        assert float(new.swarm.fitness[i]) == pytest.approx(
+            float(loss(want, slice(0, 3))), rel=1e-5
+        )
+    # The shared batch would have moved every particle differently.
+    shared = train.make_train_step(apply_fn, opt, local_steps=1, grad_optimizer=sgd)
+    other, _ = shared.step(None, st, batch)
+    assert not np.allclose(other.swarm.positions["w"], new.swarm.positions["w"])
+
+
+def test_split_batch_errors_name_the_sizes(setup):
+    template, batch = setup
+    with pytest.raises(ValueError, match=r"split_batch='yes': expected True"):
+        train.make_train_step(apply_fn, _opt(), local_steps=1, split_batch="yes")
+    tr = train.make_train_step(
+        apply_fn, pso_jax.pso(num_particles=5), local_steps=1, split_batch=True
+    )
+    st = tr.init(jax.random.key(0), template)
+    with pytest.raises(ValueError, match=r"batch of 12 clips does not split over 5"):
+        tr.step(None, st, batch)

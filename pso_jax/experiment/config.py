@@ -78,6 +78,7 @@ _LATER_FIELDS = {
     "mask_ratio": 0.9,
     "label_fraction": 1.0,
     "lr_warmup": 0.0,
+    "split_batch": False,
 }
 
 
@@ -171,7 +172,16 @@ class TrainConfig:
         then an upper bound; the learning-rate schedule still spans ``steps``),
         then evaluate. Runs stopped by the clock are not repeatable step for
         step.
-      batch_size: clips per step, shared by every particle.
+      batch_size: clips per step, shared by every particle (or split among
+        them: ``split_batch``).
+      split_batch: every particle's gradient steps fit its own
+        ``batch_size / particles`` clips, and the fitness is measured on
+        ``batch_size / particles`` clips shared by all: a step of the whole
+        swarm costs one model's step at ``batch_size`` (P models for the
+        compute of one, each from its own data;
+        :func:`pso_jax.train.make_train_step`). After a narrowing the
+        survivors share the batch among fewer. ``batch_size`` must be a
+        multiple of ``particles``.
       variant, topology: of :func:`pso_jax.pso` (``topology=None``: the
         variant's default).
       inertia, cognitive, social: PSO coefficients (``None``: the variant's).
@@ -248,6 +258,7 @@ class TrainConfig:
     narrow_at: tuple[tuple[int, int], ...] = ()
     time_budget: float | None = None
     batch_size: int = 32
+    split_batch: bool = False
     variant: str = "inertia"
     topology: str | None = None
     inertia: float | None = None
@@ -634,8 +645,19 @@ def _validate_population(cfg: TrainConfig) -> None:
         )
     if cfg.select_on not in ("batch", "next"):
         raise ConfigError("select_on", cfg.select_on, "choose from ('batch', 'next')")
+    if not isinstance(cfg.split_batch, bool):
+        raise ConfigError("split_batch", cfg.split_batch, "expected true or false")
     _check_number(cfg, "time_budget", low=0.0, above=True, optional=True)  # seconds
     _validate_narrowing(cfg)
+    counts = (cfg.particles, *(keep for _, keep in cfg.narrow_at))
+    uneven = [n for n in counts if cfg.split_batch and cfg.batch_size % n]
+    if uneven:
+        raise ConfigError(
+            "batch_size",
+            cfg.batch_size,
+            f"split_batch shares it among {uneven[0]} particles: use a multiple "
+            f"of every particle count ({', '.join(map(str, counts))})",
+        )
     _check_int(cfg, "recenter_every", 0)
     if cfg.particle_space != "full":
         needs = (("swarm_over", cfg.swarm_over, "all"), ("init", cfg.init, "perturb"))
@@ -873,7 +895,7 @@ def _check_layout(cfg: TrainConfig, parallel: Parallelism) -> None:
         )
     shards = parallel.particle_shards(num_devices)
     try:
-        sharding.padded_num_particles(cfg.particles, shards, parallel.pad)
+        padded = sharding.padded_num_particles(cfg.particles, shards, parallel.pad)
     except ValueError as e:
         message = str(e).replace("pass pad=True", "pass pad=True (--pad)")
         raise ValueError(f"particles={cfg.particles}: {message}") from None
@@ -881,4 +903,14 @@ def _check_layout(cfg: TrainConfig, parallel: Parallelism) -> None:
         raise ValueError(
             f"batch_size={cfg.batch_size} does not divide over data={parallel.data} "
             "devices; choose a batch size that is a multiple of it"
+        )
+    if cfg.split_batch and parallel.data > 1:
+        raise ValueError(
+            f"split_batch with data={parallel.data}: the batch is split over the "
+            "particles or over the data axis, not both (--data 1)"
+        )
+    if cfg.split_batch and cfg.batch_size % padded:
+        raise ValueError(
+            f"split_batch with particles={cfg.particles} padded to {padded}: "
+            f"batch_size={cfg.batch_size} is not a multiple of {padded}"
         )

@@ -267,6 +267,7 @@ def _make_trainer(
         hparam_move=cfg.hparam_move,
         recenter_fn=recenter_fn,
         recenter_every=cfg.recenter_every,
+        split_batch=cfg.split_batch,
     )
 
 
