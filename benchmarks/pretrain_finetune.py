@@ -251,7 +251,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--root", type=Path, required=True, help="work directories")
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--objectives", default="masked,next_frame,order")
+    p.add_argument(
+        "--objectives",
+        default="masked,next_frame,order",
+        help="pretext tasks; 'masked:dense:0.5' pretrains with --decoder dense "
+        "--mask-ratio 0.5",
+    )
     p.add_argument("--pretrain-steps", type=int, default=300)
     p.add_argument(
         "--budgets",
@@ -293,10 +298,16 @@ def main(argv=None) -> int:
     root.mkdir(parents=True, exist_ok=True)
     data = ["--data-dir", args.data_dir] if args.data_dir else []
     pre = {}
-    for o in args.objectives.split(","):
+    for token in args.objectives.split(","):
+        # "masked:dense[:0.5]": the objective with that --decoder (and
+        # --mask-ratio); its arm is masked_dense[_0.5].
+        o, *opts = token.split(":")
+        arm = "_".join([o, *opts])
         argv_o = ["pretrain", "--objective", o, "--steps", str(args.pretrain_steps)]
+        for flag, value in zip(("--decoder", "--mask-ratio"), opts, strict=False):
+            argv_o += [flag, value]
         argv_o += flags
-        pre[o] = _with_constant(_run([*argv_o, *data], root / f"pre_{o}"))
+        pre[arm] = _with_constant(_run([*argv_o, *data], root / f"pre_{arm}"))
     # The head-only runs' random backbone: none is needed without them.
     random = args.head_steps and _random_backbone(root, args.data_dir, args.model)
     full_arms = set(args.full_label_arms.split(","))

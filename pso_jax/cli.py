@@ -935,6 +935,12 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         help="masked: the share of tubelets masked, in (0, 1) (default 0.9)",
     )
+    p_pre.add_argument(
+        "--decoder",
+        choices=experiment.config.DECODERS,
+        help="masked, next_frame: the head, on the pooled features (pooled) or "
+        "at every cell of the feature map (dense) (default: the preset's)",
+    )
     _add_parallel_args(p_pre)
     # Error messages name a bad config field by its flag (when it was given).
     for p in (p_train, p_pre):

@@ -34,17 +34,23 @@ etc. the tubelet grid):
   = in order); cross-entropy. No decoder: the cheapest task for a swarm to
   score. Needs ``T' >= 3``.
 
-What a head on pooled features can learn. The reconstruction targets are
-decoded from one pooled feature vector, and a conv backbone's global average
-pool keeps little of *where* things are, so with ``c3d`` the ``masked`` and
-``next_frame`` heads learn mostly the average clip: on ``moving_shapes/small``
-after ``pso-jax pretrain``'s 300 steps, masked test MSE 0.0110 against 0.0131
-for the best constant guess, next-frame L1 0.065 against 0.089, while
-``order``, which needs no position, is learned (0.956 of the test clips told
-right; ``benchmarks/results/pretrain_finetune.md``). A decoder on the feature
-map before the pool (VideoMAE's per-token decoder) is what would let a conv
-model localise; it is not built. The run's summary reports the constant
-guess's loss (``constant_test_loss``) beside the model's.
+What the head can learn. By default (``decoder="pooled"`` of a run) the
+reconstruction targets are decoded from one pooled feature vector, and a conv
+backbone's global average pool keeps little of *where* things are, so with
+``c3d`` the ``masked`` and ``next_frame`` heads learn mostly the average clip:
+on ``moving_shapes/small`` after ``pso-jax pretrain``'s 300 steps, masked test
+MSE 0.0110 against 0.0131 for the best constant guess, next-frame L1 0.065
+against 0.089, while ``order``, which needs no position, is learned (0.956 of
+the test clips told right; ``benchmarks/results/pretrain_finetune.md``). The
+dense decoder (``decoder="dense"``, ``pso-jax pretrain --decoder dense``; a
+model's ``decoder_grid = task.grid``, :func:`pso_jax.models.base.decode_map`)
+puts one Dense at every cell of the feature map before the pool, predicting
+the targets under it (VideoMAE's per-token linear decoder): next-frame L1
+0.036, masked MSE 0.0076 at ``mask_ratio=0.5`` (pooled: 0.0107; constant
+guess 0.0131), but 0.0110 at 0.9, where a conv cell's receptive field sees
+almost no visible tubelet (``benchmarks/results/pretrain_dense/``). The run's
+summary reports the constant guess's loss (``constant_test_loss``) beside the
+model's.
 
 Randomness (masks, permutations) is drawn per clip from the step's key, one
 key per clip of the whole batch, so that a batch split over a ``"data"``
@@ -90,6 +96,10 @@ class PretextTask(NamedTuple):
       loss: ``loss(outputs [B, num_outputs], targets) -> ()``, minimised.
       classes: whether the targets are class ids (accuracy then means something).
       clip_shape, patch: what the task was built for.
+      grid: ``(T, H, W)`` when the targets are ``num_outputs / (T H W)`` values
+        per cell of that grid, flattened in ``[T, H, W, values]`` order (a
+        dense decoder's ``decoder_grid``, :func:`pso_jax.models.make_model`);
+        ``None`` for ``"order"``.
     """
 
     name: str
@@ -99,6 +109,7 @@ class PretextTask(NamedTuple):
     classes: bool
     clip_shape: tuple[int, ...]
     patch: tuple[int, int, int]
+    grid: tuple[int, int, int] | None = None
 
     def make_batch(self, key: PRNGKey, video: jax.Array) -> dict:
         """``{"video": inputs, "label": targets}`` of ``video [B, T, H, W, C]``,
@@ -195,7 +206,9 @@ def make_task(
         masked = round(mask_ratio * n)
         one_clip = _masked_clip(patch, masked)
         loss = _masked_loss(n, channels)
-        return PretextTask(name, n * channels, one_clip, loss, False, clip_shape, patch)
+        return PretextTask(
+            name, n * channels, one_clip, loss, False, clip_shape, patch, grid
+        )
     if name == "next_frame":
         return PretextTask(
             name,
@@ -205,6 +218,7 @@ def make_task(
             False,
             clip_shape,
             patch,
+            (1, grid[1], grid[2]),
         )
     return PretextTask(
         name, 2, _order_clip(patch[0]), cross_entropy, True, clip_shape, patch

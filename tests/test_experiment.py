@@ -229,6 +229,9 @@ def test_head_only_swarm_keeps_the_backbone_shared(data_dir, tmp_path):
         ({"dtype": "float16"}, "dtype='float16'"),
         ({"lr_warmup": 1.0}, r"lr_warmup=1.0: must be in \[0, 1\)"),
         ({"lr_warmup": -0.1}, "lr_warmup=-0.1"),
+        ({"decoder": "conv"}, r"decoder='conv': choose from \('pooled', 'dense'\)"),
+        ({"decoder": "dense"}, "not objective=None"),
+        ({"decoder": "dense", "objective": "order"}, "not objective='order'"),
         ({"split_batch": "yes"}, "split_batch='yes'"),
         ({"split_batch": True, "batch_size": 10}, "batch_size=10.*among 4"),
         (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import chex
 import flax.linen as nn
@@ -25,6 +26,7 @@ from pso_jax.models import (
     param_count,
     space_to_depth,
 )
+from pso_jax.models.base import decode_map
 from pso_jax.models.layers import GroupNorm
 from pso_jax.tree_utils import combine, partition
 
@@ -383,6 +385,67 @@ def test_make_model_errors():
     model = make_model("c3d", 10)
     with pytest.raises(ValueError, match="clips"):
         model.init(jax.random.key(0), jnp.zeros((4, 16, 16, 3)))
+    with pytest.raises(ValueError, match=r"decoder_grid=\(2, 4\): expected None"):
+        make_model("c3d", 10, decoder_grid=(2, 4))
+    with pytest.raises(ValueError, match=r"its 8 cells do not share num_classes=10"):
+        make_model("c3d", 10, decoder_grid=(2, 2, 2))
+    # C3D's map of 4 x 16 x 16 clips at (2, 4, 4) tubelets is 1 x 2 x 2.
+    odd = make_model("c3d", 3 * 3, decoder_grid=(1, 3, 1), patch=(2, 4, 4))
+    with pytest.raises(ValueError, match=r"feature map \(1, 2, 2\) does not divide"):
+        odd.init(jax.random.key(0), jnp.zeros((1, *CLIP_SHAPE)))
+
+
+class _Decoder(nn.Module):
+    grid: tuple[int, int, int]
+    num_outputs: int
+
+    @nn.compact
+    def __call__(self, x):
+        return decode_map(x, self.grid, self.num_outputs)
+
+
+@pytest.mark.parametrize("grid", [(4, 2, 6), (1, 2, 6)])
+def test_decode_map_puts_every_cell_where_the_targets_are(grid):
+    """Known answer: grid cell (t, h, w)'s values are the Dense outputs of the map
+    cell above it, the slot of its offset under that cell; flat [T, H, W, C]."""
+    values, feats = 2, 5
+    x = jax.random.normal(jax.random.key(0), (3, 2, 1, 3, feats))  # map 2 x 1 x 3
+    dec = _Decoder(grid, math.prod(grid) * values)
+    params = dec.init(jax.random.key(1), x)["params"]
+    out = np.asarray(dec.apply({"params": params}, x))
+    kernel, bias = (np.asarray(params["head"][k]) for k in ("kernel", "bias"))
+    xm = np.asarray(x)
+    if grid[0] == 1:  # an axis of size 1 is the map's mean over it
+        xm = xm.mean(axis=1, keepdims=True)
+    r = [g // m for g, m in zip(grid, xm.shape[1:4], strict=True)]
+    want = np.zeros((3, *grid, values))
+    for t, h, w in np.ndindex(*grid):
+        cell = xm[:, t // r[0], h // r[1], w // r[2]] @ kernel + bias
+        slot = ((t % r[0]) * r[1] + h % r[1]) * r[2] + w % r[2]
+        want[:, t, h, w] = cell.reshape(3, -1, values)[:, slot]
+    np.testing.assert_allclose(out, want.reshape(3, -1), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_a_dense_decoder_keeps_the_body(name, clips):
+    """The body's parameters (what a fine-tuning reuses) are the pooled model's;
+    the outputs cover the grid, and vmapped particles equal a loop."""
+    grid = (2, 4, 4)  # CLIP_SHAPE's tubelet grid at the default (2, 4, 4) patch
+    pooled = make_model(name, NUM_CLASSES, width=WIDTH)
+    dense = make_model(name, 3 * 32, width=WIDTH, decoder_grid=grid)
+    p_pooled = pooled.init(jax.random.key(0), clips)["params"]
+    p_dense = dense.init(jax.random.key(0), clips)["params"]
+    chex.assert_trees_all_equal(p_pooled["body"], p_dense["body"])
+    swarm = jax.vmap(lambda k: dense.init(k, clips)["params"])(
+        jax.random.split(jax.random.key(2), NUM_PARTICLES)
+    )
+    out = jax.vmap(lambda p: dense.apply({"params": p}, clips))(swarm)
+    assert out.shape == (NUM_PARTICLES, clips.shape[0], 3 * 32)
+    for i in range(NUM_PARTICLES):
+        one = jax.tree.map(lambda a, i=i: a[i], swarm)
+        np.testing.assert_allclose(
+            out[i], dense.apply({"params": one}, clips), rtol=2e-4, atol=2e-5
+        )
 
 
 # --- flax_utils -----------------------------------------------------------------

@@ -22,7 +22,7 @@ def _video(b=6, seed=0):
 
 def test_masked_hides_exactly_the_ratio_and_scores_only_hidden_tubelets():
     task = pretext.make_task("masked", CLIP, PATCH, mask_ratio=0.75)
-    assert task.num_outputs == 64 * 3 and not task.classes
+    assert task.num_outputs == 64 * 3 and not task.classes and task.grid == (4, 4, 4)
     video = _video()
     batch = task.make_batch(jax.random.key(1), video)
     means, mask = batch["label"][:, :192], batch["label"][:, 192:]
@@ -50,7 +50,7 @@ def test_masked_hides_exactly_the_ratio_and_scores_only_hidden_tubelets():
 
 def test_next_frame_hides_the_last_frame_and_predicts_it_pooled():
     task = pretext.make_task("next_frame", CLIP, PATCH)
-    assert task.num_outputs == 4 * 4 * 3
+    assert task.num_outputs == 4 * 4 * 3 and task.grid == (1, 4, 4)
     video = _video()
     batch = task.make_batch(jax.random.key(0), video)
     assert (np.asarray(batch["video"][:, -1]) == 0).all()
@@ -129,22 +129,32 @@ def test_batch_fn_never_passes_labels_on():
 
 
 @pytest.mark.parametrize(
-    "name, local_steps, model_name",
-    # The Transformer on every task too (VideoMAE's masked one first).
+    "name, local_steps, model_name, dense",
+    # The Transformer on every task too (VideoMAE's masked one first), and the
+    # dense decoder on both reconstruction tasks.
     [
-        ("masked", 2, "c3d"),
-        ("order", 0, "c3d"),
-        ("masked", 2, "vivit"),
-        ("next_frame", 2, "vivit"),
-        ("order", 2, "vivit"),
+        ("masked", 2, "c3d", False),
+        ("order", 0, "c3d", False),
+        ("masked", 2, "vivit", False),
+        ("next_frame", 2, "vivit", False),
+        ("order", 2, "vivit", False),
+        ("masked", 2, "c3d", True),
+        ("next_frame", 2, "vivit", True),
     ],
 )
-def test_a_task_trains_as_fitness_and_gradient_loss(name, local_steps, model_name):
+def test_a_task_trains_as_fitness_and_gradient_loss(
+    name, local_steps, model_name, dense
+):
     task = pretext.make_task(name, CLIP, PATCH)
+    grid = task.grid if dense else None
     if model_name == "vivit":  # one block each: what the task needs of it
-        model = ViViT(task.num_outputs, width=32, patch=PATCH, depth=(1, 1))
+        model = ViViT(
+            task.num_outputs, width=32, patch=PATCH, depth=(1, 1), decoder_grid=grid
+        )
     else:
-        model = make_model(model_name, task.num_outputs, width=8, patch=PATCH)
+        model = make_model(
+            model_name, task.num_outputs, width=8, patch=PATCH, decoder_grid=grid
+        )
     video = jax.random.uniform(jax.random.key(5), (16, *CLIP))
     params = model.init(jax.random.key(0), video[:1])["params"]
 

@@ -195,3 +195,26 @@ def test_cli_pretrain_of_a_supervised_preset_is_a_pretext_run(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "narrow_at=[[20, 1]]: not with objective='masked'" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_dense_decoder_pretrains_a_backbone_that_a_classifier_loads(
+    data_dir, tmp_path
+):
+    pre = tmp_path / "dense"
+    argv = ["pretrain", *PRE, "--objective", "next_frame", "--decoder", "dense"]
+    assert cli.main([*argv, "--data-dir", data_dir, "--workdir", str(pre)]) == 0
+    cfg = experiment.read_config(pre / "config.json")
+    assert cfg.decoder == "dense"
+    summary = json.loads((pre / "summary.json").read_text())
+    assert np.isfinite(summary["test_loss"])
+    assert summary["test_loss"] < summary["initial_test_loss"]
+    # One Dense per feature-map cell: its outputs are the grid cells under it.
+    run = _Run(cfg, _source(cfg, "train"))
+    t, h, w = run.task.grid
+    assert t == 1 and run.num_classes == h * w * 3
+    assert run.template["head"]["kernel"].shape[1] < run.num_classes
+    # A classifier starts from the same body.
+    clf = _Run(_cfg(data_dir, pretrained=str(pre)), _source(cfg, "train"))
+    backbone = flax_utils.load_params(pre / "backbone")["body"]
+    chex.assert_trees_all_equal(clf.template["body"], backbone)
+    assert clf.template["head"]["kernel"].shape[1] == clf.num_classes == 10

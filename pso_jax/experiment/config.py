@@ -48,6 +48,8 @@ __all__ = [
     "validate_config",
 ]
 
+# Heads of the reconstruction pretext tasks (TrainConfig.decoder).
+DECODERS = ("pooled", "dense")
 
 # Fields a resumed run may change (``pso-jax train --resume --steps 600``):
 # they decide where the data lies, how long and how the loop runs, not what a
@@ -76,6 +78,7 @@ _LATER_FIELDS = {
     "dtype": "float32",
     "objective": None,
     "mask_ratio": 0.9,
+    "decoder": "pooled",
     "label_fraction": 1.0,
     "lr_warmup": 0.0,
     "split_batch": False,
@@ -226,6 +229,11 @@ class TrainConfig:
         split's clips only, no label ever read; the model's head predicts the
         task's targets, and the run writes ``backbone/`` for ``pretrained``.
       mask_ratio: ``objective="masked"``'s share of masked tubelets, in (0, 1).
+      decoder: the head of ``"masked"`` and ``"next_frame"``: ``"pooled"``
+        (one Dense on the pooled features) or ``"dense"`` (one Dense at every
+        cell of the body's feature map, predicting the tubelets under it:
+        :func:`pso_jax.models.base.decode_map`). The body, what ``pretrained``
+        reuses, is the same either way. ``"order"`` and label runs: ``"pooled"``.
       label_fraction: train on this share of the train split's labeled clips
         (a fixed draw of the seed; the same clips for every run of a seed), in
         (0, 1]; the label-scarce half of a pretrain -> finetune study.
@@ -282,6 +290,7 @@ class TrainConfig:
     dtype: str = "float32"
     objective: str | None = None
     mask_ratio: float = 0.9
+    decoder: str = "pooled"
     label_fraction: float = 1.0
     seed: int = 0
 
@@ -464,6 +473,15 @@ def _validate_pretext(cfg: TrainConfig) -> None:
     _check_number(cfg, "label_fraction", low=0.0, above=True)
     if not cfg.label_fraction <= 1:
         raise ConfigError("label_fraction", cfg.label_fraction, "must be in (0, 1]")
+    if cfg.decoder not in DECODERS:
+        raise ConfigError("decoder", cfg.decoder, f"choose from {DECODERS}")
+    if cfg.decoder != "pooled" and cfg.objective not in ("masked", "next_frame"):
+        raise ConfigError(
+            "decoder",
+            cfg.decoder,
+            f"decodes the targets of objective 'masked' or 'next_frame', not "
+            f"objective={cfg.objective!r}; leave it at 'pooled'",
+        )
     if cfg.objective is None:
         return
     if cfg.objective not in TASKS:

@@ -35,7 +35,7 @@ from jax.experimental import multihost_utils
 
 from pso_jax import sharding
 from pso_jax.experiment.config import ConfigError, TrainConfig
-from pso_jax.pretext import check_task
+from pso_jax.pretext import make_task
 from pso_jax.train import check_labels
 
 
@@ -247,23 +247,33 @@ def _check_data(cfg: TrainConfig, source=None) -> None:
             "resize them to one size when preparing the dataset",
         )
     clip = (cfg.num_frames or t, h, w, c)
+    num_outputs, grid = cfg.num_classes or n or 2, None
     if cfg.objective is not None:
         try:
-            check_task(cfg.objective, clip, cfg.patch, cfg.mask_ratio)
+            task = make_task(cfg.objective, clip, cfg.patch, mask_ratio=cfg.mask_ratio)
         except ValueError as e:
             dims = "x".join(map(str, clip[:3]))
             raise DataError(
                 None, None, f"{cfg.model} on clips of {dims} (T x H x W): {e}"
             ) from None
-    _check_model_input(cfg, clip, cfg.num_classes or n or 2)
+        num_outputs = task.num_outputs
+        grid = task.grid if cfg.decoder == "dense" else None
+    _check_model_input(cfg, clip, num_outputs, grid)
 
 
-def _check_model_input(cfg: TrainConfig, clip: tuple[int, ...], num_classes: int):
+def _check_model_input(
+    cfg: TrainConfig, clip: tuple[int, ...], num_classes: int, decoder_grid=None
+):
     """Trace the model on one clip abstractly; raise where it does not fit."""
     from pso_jax.models import make_model
 
     model = make_model(
-        cfg.model, num_classes, width=cfg.width, stem=cfg.stem, patch=cfg.patch
+        cfg.model,
+        num_classes,
+        width=cfg.width,
+        stem=cfg.stem,
+        patch=cfg.patch,
+        decoder_grid=decoder_grid,
     )
     dims = "x".join(map(str, clip[:3]))
     where = f"clips of {dims} (T x H x W"

@@ -89,6 +89,7 @@ class _Run:
             width=cfg.width,
             stem=cfg.stem,
             patch=cfg.patch,
+            decoder_grid=self.task.grid if cfg.decoder == "dense" else None,
         )
         dummy = jnp.zeros((1, *_clip_shape(cfg, source)), jnp.float32)
         template = model.init(jax.random.key(0), dummy)["params"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import flax.linen as nn
@@ -21,6 +22,8 @@ class Backbone(nn.Module):
 
     Attributes:
       width, stem, norm, impl, patch: as in :class:`VideoClassifier`.
+      keep_map: return the feature map ``[B, t, h, w, F]`` before the pool
+        (for :class:`VideoClassifier`'s ``decoder_grid``); no parameter changes.
     """
 
     width: int = 16
@@ -28,6 +31,7 @@ class Backbone(nn.Module):
     norm: str = "group"
     impl: str = "fast"
     patch: tuple[int, int, int] = (2, 4, 4)
+    keep_map: bool = False
 
     def stem_features(self, x: jax.Array) -> jax.Array:
         """Apply the :class:`~pso_jax.models.layers.Stem` (inside ``compact``)."""
@@ -36,10 +40,57 @@ class Backbone(nn.Module):
         )
         return stem(x)
 
-    @staticmethod
-    def pool(x: jax.Array) -> jax.Array:
-        """Global average pool ``[B, T, H, W, C] -> [B, C]``."""
-        return jnp.mean(x, axis=(1, 2, 3))
+    def pool(self, x: jax.Array) -> jax.Array:
+        """Global average pool ``[B, T, H, W, C] -> [B, C]`` (``keep_map``: ``x``)."""
+        return x if self.keep_map else jnp.mean(x, axis=(1, 2, 3))
+
+
+def check_decoder_grid(grid, num_outputs: int) -> None:
+    """Raise a ``ValueError`` naming the value unless ``grid`` serves ``num_outputs``.
+
+    ``grid`` is ``None`` (the pooled head) or ``(t, h, w)`` positive ints whose
+    cells share ``num_outputs`` evenly.
+    """
+    if grid is None:
+        return
+    ok = isinstance(grid, tuple) and len(grid) == 3
+    if not ok or not all(isinstance(g, int) and g >= 1 for g in grid):
+        raise ValueError(f"decoder_grid={grid!r}: expected None or 3 positive ints")
+    if num_outputs % math.prod(grid):
+        raise ValueError(
+            f"decoder_grid={grid}: its {math.prod(grid)} cells do not share "
+            f"num_classes={num_outputs} outputs evenly"
+        )
+
+
+def decode_map(features: jax.Array, grid, num_outputs: int) -> jax.Array:
+    """The ``"head"`` of a dense decoder: feature map -> ``[B, num_outputs]``.
+
+    ``features [B, t, h, w, F]`` (a body's map before the pool) predicts
+    ``num_outputs / (T H W)`` values for every cell of ``grid = (T, H, W)``,
+    flattened in ``[T, H, W, values]`` order. An axis of ``grid`` of size 1 is
+    the mean over that axis of the map; otherwise the axis must be a multiple
+    ``r`` of the map's, and one Dense layer (``"head"``, applied at every map
+    cell) predicts the ``r_t r_h r_w`` grid cells under it (a linear decoder
+    with a depth-to-space, as VideoMAE's per-token linear decoder).
+    """
+    b, *dims, _ = features.shape
+    values = num_outputs // math.prod(grid)
+    factors = []
+    for axis, (m, g) in enumerate(zip(dims, grid, strict=True)):
+        if g == 1 and m > 1:
+            features = jnp.mean(features, axis=1 + axis, keepdims=True)
+            m = 1
+        if g % m:
+            raise ValueError(
+                f"decoder_grid={tuple(grid)}: the body's feature map "
+                f"{tuple(dims)} does not divide it"
+            )
+        factors.append(g // m)
+    x = nn.Dense(math.prod(factors) * values, name=HEAD_NAME)(features)
+    t, h, w = x.shape[1:4]
+    x = x.reshape(b, t, h, w, *factors, values)
+    return x.transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, -1)
 
 
 class VideoClassifier(nn.Module):
@@ -67,6 +118,11 @@ class VideoClassifier(nn.Module):
       patch: tubelet / stem pool size ``(pt, ph, pw)``.
       map_particles: run the body once per particle (``lax.map``) when vmapped
         over parameters; only with ``impl="fast"``. Same outputs either way.
+      decoder_grid: ``None`` (default): the head is one Dense on the pooled
+        features. ``(T, H, W)``: a dense decoder, the head sees the body's
+        feature map and predicts ``num_classes / (T H W)`` values per cell of
+        that grid (:func:`decode_map`; for the pretext reconstruction tasks,
+        :mod:`pso_jax.pretext`). The body's parameters are the same either way.
     """
 
     num_classes: int
@@ -76,6 +132,7 @@ class VideoClassifier(nn.Module):
     impl: str = "fast"
     patch: tuple[int, int, int] = (2, 4, 4)
     map_particles: bool = True
+    decoder_grid: tuple[int, int, int] | None = None
 
     backbone: ClassVar[type[Backbone]] = Backbone
 
@@ -95,6 +152,7 @@ class VideoClassifier(nn.Module):
             norm=self.norm,
             impl=self.impl,
             patch=self.patch,
+            keep_map=self.decoder_grid is not None,
             name="body",
             **self.body_fields(),
         )
@@ -102,4 +160,7 @@ class VideoClassifier(nn.Module):
             features = call_per_particle(self, body, x)
         else:
             features = body(x)
+        if self.decoder_grid is not None:
+            check_decoder_grid(self.decoder_grid, self.num_classes)
+            return decode_map(features, self.decoder_grid, self.num_classes)
         return nn.Dense(self.num_classes, name=HEAD_NAME)(features)

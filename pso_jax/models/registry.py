@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pso_jax.models.base import VideoClassifier
+from pso_jax.models.base import VideoClassifier, check_decoder_grid
 from pso_jax.models.c3d import C3D
 from pso_jax.models.layers import IMPLS, NORMS
 from pso_jax.models.r2plus1d import R2Plus1D
@@ -29,6 +29,7 @@ def make_model(
     impl: str = "fast",
     patch: tuple[int, int, int] = (2, 4, 4),
     map_particles: bool = True,
+    decoder_grid: tuple[int, int, int] | None = None,
 ) -> VideoClassifier:
     """Build a video classifier from :data:`MODELS` by name.
 
@@ -59,12 +60,16 @@ def make_model(
       map_particles: under vmap over parameters, run the body once per particle
         (``lax.map``; default) instead of as one vmapped graph; see
         :func:`pso_jax.models.layers.call_per_particle`. Same outputs.
+      decoder_grid: ``None`` (default) or ``(T, H, W)``: a dense decoder head
+        predicting ``num_classes / (T H W)`` values per cell of that grid from
+        the body's feature map (:func:`pso_jax.models.base.decode_map`).
 
     Returns:
       An unbound ``flax.linen.Module``.
 
     Raises:
-      ValueError: on an unknown name, stem, norm or impl.
+      ValueError: on an unknown name, stem, norm or impl, or a ``decoder_grid``
+        that is not 3 positive ints sharing ``num_classes`` evenly.
 
     >>> import jax, jax.numpy as jnp
     >>> model = make_model("r2plus1d", num_classes=10, width=8)
@@ -82,6 +87,8 @@ def make_model(
     ):
         if value not in allowed:
             raise ValueError(f"{what} must be one of {allowed}, got {value!r}")
+    grid = None if decoder_grid is None else tuple(decoder_grid)
+    check_decoder_grid(grid, num_classes)
     return MODELS[name](
         num_classes=num_classes,
         width=width,
@@ -90,4 +97,5 @@ def make_model(
         impl=impl,
         patch=tuple(patch),
         map_particles=map_particles,
+        decoder_grid=grid,
     )

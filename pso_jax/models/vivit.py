@@ -138,12 +138,16 @@ class ViViTBackbone(Backbone):
         for i in range(self.depth[0]):
             block = TransformerBlock(heads, self.mlp_ratio, self.norm, name=f"space{i}")
             x = block(x)
-        x = jnp.mean(_layer_norm(x, self.norm, "norm_space"), axis=2)  # [B, T', D]
+        tokens = _layer_norm(x, self.norm, "norm_space")  # [B, T', H' W', D]
+        x = jnp.mean(tokens, axis=2)  # [B, T', D]
         x = x + self.param("pos_time", init, (t, self.width))
         for i in range(self.depth[1]):
             block = TransformerBlock(heads, self.mlp_ratio, self.norm, name=f"time{i}")
             x = block(x)
-        return jnp.mean(_layer_norm(x, self.norm, "norm_time"), axis=1)  # [B, D]
+        x = _layer_norm(x, self.norm, "norm_time")
+        if self.keep_map:  # every token, plus its time step's temporal context
+            return (tokens + x[:, :, None, :]).reshape(b, t, h, w, self.width)
+        return jnp.mean(x, axis=1)  # [B, D]
 
 
 class ViViT(VideoClassifier):
