@@ -46,7 +46,7 @@ dense decoder (``decoder="dense"``, ``pso-jax pretrain --decoder dense``; a
 model's ``decoder_grid = task.grid``, :func:`pso_jax.models.base.decode_map`)
 puts one Dense at every cell of the feature map before the pool, predicting
 the targets under it (VideoMAE's per-token linear decoder): next-frame L1
-0.036, masked MSE 0.0076 at ``mask_ratio=0.5`` (pooled: 0.0107; constant
+0.036, masked MSE 0.0075 at ``mask_ratio=0.5`` (pooled: 0.0107; constant
 guess 0.0131), but 0.0110 at 0.9, where a conv cell's receptive field sees
 almost no visible tubelet (``benchmarks/results/pretrain_dense/``). The run's
 summary reports the constant guess's loss (``constant_test_loss``) beside the

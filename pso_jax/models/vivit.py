@@ -109,7 +109,8 @@ class TransformerBlock(nn.Module):
 
 class ViViTBackbone(Backbone):
     """Tubelets ``[B, T', H', W', F]`` -> embedded tokens -> spatial then temporal
-    Transformer -> pooled features ``[B, width]``.
+    Transformer -> pooled features ``[B, width]`` (``keep_map``: every spatial
+    token plus its time step's temporal output, ``[B, T', H', W', width]``).
 
     Attributes:
       depth: ``(spatial, temporal)`` numbers of blocks.
