@@ -272,6 +272,22 @@ def test_cli_split_batch_is_a_config_field_only_when_given(flags, given):
     )
 
 
+def test_a_split_batch_run_trains_with_split_batches(data_dir, tmp_path, monkeypatch):
+    seen = []
+    real = run_mod.make_train_step
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["split_batch"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(run_mod, "make_train_step", spy)
+    cfg = experiment.get_config("smoke", data_dir=data_dir, split_batch=True, steps=2)
+    summary = experiment.train(cfg, tmp_path / "split", progress=False)
+    assert seen and all(seen)
+    assert np.isfinite(summary["test_accuracy"])
+    assert experiment.read_config(tmp_path / "split" / "config.json").split_batch
+
+
 def test_lr_warmup_rises_from_zero_then_decays_as_the_cosine():
     # 100 swarm steps x 4 gradient steps: the schedule spans 400 counts.
     cfg = experiment.get_config("hybrid", steps=100, local_steps=4, lr_warmup=0.1)
