@@ -426,6 +426,25 @@ def _train_run(trainer, params, batch, hp, steps=2):
     return jax.jit(run)(state, batch, hp)
 
 
+def _conv0(positions):
+    return positions["Conv_0"]["kernel"]
+
+
+def _train_record(want, got, rows) -> dict:
+    """An unsharded and a sharded ``_train_run`` compared; ``rows(positions)``
+    is the leaf whose rows per shard are counted.
+
+    diversity: a diagnostic from per-device row sums, equal to float rounding
+    (compared on its own, relative); the other metrics bitwise as before.
+    """
+    return {
+        "state": _compare(want[0], got[0]),
+        "metrics": _compare(_no_diversity(want[1]), _no_diversity(got[1])),
+        "diversity": _rel_diff(want[1].diversity, got[1].diversity),
+        "rows_per_shard": _rows(rows(got[0].swarm.positions)),
+    }
+
+
 def check_train(out: dict) -> None:
     import optax
 
@@ -460,15 +479,7 @@ def check_train(out: dict) -> None:
             opt = pso_jax.pso(num_particles=NUM_PARTICLES, maximize=maximize, mesh=mesh)
             trainer = train.make_train_step(apply_fn, opt, **kw)
             got = _train_run(trainer, params, batch, hp)
-            out[f"train/{name}/{n}x{data}"] = {
-                "state": _compare(want[0], got[0]),
-                # diversity: a diagnostic from per-device row sums, equal to
-                # float rounding (compared on its own, relative); the other
-                # metrics as before.
-                "metrics": _compare(_no_diversity(want[1]), _no_diversity(got[1])),
-                "diversity": _rel_diff(want[1].diversity, got[1].diversity),
-                "rows_per_shard": _rows(got[0].swarm.positions["Conv_0"]["kernel"]),
-            }
+            out[f"train/{name}/{n}x{data}"] = _train_record(want, got, _conv0)
     _check_train_subspace(out, apply_fn, params, batch)
     _check_train_split(out, apply_fn, params, batch)
 
@@ -490,12 +501,7 @@ def _check_train_split(out: dict, apply_fn, params, batch) -> None:
     want = _train_run(train.make_train_step(apply_fn, ref, **kw), params, batch, hp)
     opt = pso_jax.pso(num_particles=NUM_PARTICLES, mesh=sharding.make_mesh(4))
     got = _train_run(train.make_train_step(apply_fn, opt, **kw), params, batch, hp)
-    out["train/split/4x1"] = {
-        "state": _compare(want[0], got[0]),
-        "metrics": _compare(_no_diversity(want[1]), _no_diversity(got[1])),
-        "diversity": _rel_diff(want[1].diversity, got[1].diversity),
-        "rows_per_shard": _rows(got[0].swarm.positions["Conv_0"]["kernel"]),
-    }
+    out["train/split/4x1"] = _train_record(want, got, _conv0)
     data_mesh = sharding.make_mesh(4, data=2)
     opt = pso_jax.pso(num_particles=NUM_PARTICLES, mesh=data_mesh)
     try:
@@ -524,10 +530,7 @@ def _check_train_subspace(out: dict, apply_fn, params, batch) -> None:
     opt = pso_jax.pso(num_particles=NUM_PARTICLES, mask=space.mask(tree), mesh=mesh)
     got = _train_run(train.make_train_step(apply_tree, opt, **kw), tree, batch, hp)
     out["train/subspace-recenter/4x1"] = {
-        "state": _compare(want[0], got[0]),
-        "metrics": _compare(_no_diversity(want[1]), _no_diversity(got[1])),
-        "diversity": _rel_diff(want[1].diversity, got[1].diversity),
-        "rows_per_shard": _rows(got[0].swarm.positions["coords"]["z"]),
+        **_train_record(want, got, lambda x: x["coords"]["z"]),
         "epoch": int(got[0].swarm.frozen_params["base"]["epoch"]),
     }
 

@@ -668,8 +668,8 @@ def _validate_population(cfg: TrainConfig) -> None:
     _check_number(cfg, "time_budget", low=0.0, above=True, optional=True)  # seconds
     _validate_narrowing(cfg)
     counts = (cfg.particles, *(keep for _, keep in cfg.narrow_at))
-    uneven = [n for n in counts if cfg.split_batch and cfg.batch_size % n]
-    if uneven:
+    uneven = [n for n in counts if cfg.batch_size % n]
+    if cfg.split_batch and uneven:
         raise ConfigError(
             "batch_size",
             cfg.batch_size,
