@@ -51,15 +51,33 @@ def apply(handling: str, x, v, low, high, u=None):
         # A jump of more than one box width would reflect out the other side.
         return jnp.clip(xr, low, high), jnp.where(out, -v, v)
     if handling == "periodic":
-        width = high - low
-        wrapped = low + jnp.mod(x - low, width)
-        # mod can round up to exactly `width` in floating point.
-        wrapped = jnp.where(wrapped >= high, low, wrapped)
-        return jnp.where(out, wrapped, x), v
+        return jnp.where(out, wrap(x, low, high), x), v
     if handling == "resample":
         fresh = low + u * (high - low)
         return jnp.where(out, fresh, x), jnp.where(out, jnp.zeros_like(v), v)
     raise ValueError(f"bound_handling={handling!r}: expected one of {BOUND_HANDLERS}")
+
+
+def wrap(x, low, high):
+    """``x`` wrapped onto the torus ``[low, high)`` (periodic walls).
+
+    ``low + (x - low) mod (high - low)``, written with ``floor`` rather than
+    ``jnp.mod``: XLA:CPU's remainder is a scalar libm call, 4x slower than the
+    whole rest of a swarm step's update (measured at 256 x 1e5). Rounding can
+    land a hair outside the box (``floor`` of a quotient that rounded up, or a
+    remainder equal to the width): a remainder below zero takes one more width,
+    and whatever is still outside goes to ``low``.
+
+    >>> import jax.numpy as jnp
+    >>> wrap(jnp.array([1.25, -0.25, 3.5, 1.0]), 0.0, 1.0).tolist()
+    [0.25, 0.75, 0.5, 0.0]
+    """
+    width = high - low
+    shifted = x - low
+    wrapped = low + (shifted - width * jnp.floor(shifted / width))
+    wrapped = jnp.where(wrapped < low, wrapped + width, wrapped)
+    wrapped = jnp.where((wrapped >= high) | (wrapped < low), low, wrapped)
+    return wrapped.astype(jnp.result_type(x))
 
 
 def check_pair(bounds: Any) -> None:

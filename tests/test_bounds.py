@@ -109,3 +109,48 @@ def test_velocity_clamp_modes(mode):
     st, _ = pso_jax.scan_steps(jax.random.key(1), opt, st, hp, 10)
     assert np.abs(np.asarray(st.velocities)).max() <= 0.05 * scale * (1 + 1e-5)
     assert np.abs(np.asarray(st.velocities)).max() >= 0.05 * scale * 0.99  # it binds
+
+
+def _bits(a):
+    return np.asarray(a, np.float32).view(np.uint32)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_velocity_clamp_is_jnp_clip(dtype):
+    """The select-based clamp gives jnp.clip's numbers bit for bit (and dtype)."""
+    from pso_jax.velocity import clamp
+
+    v = jax.random.normal(jax.random.key(0), (4096,)) * 3
+    special = jnp.array([jnp.nan, jnp.inf, -jnp.inf, -0.0, 0.0, 2.0, -2.0, 1e-30])
+    v = jnp.concatenate([v, special]).astype(dtype)
+    for vmax in (2.0, jnp.inf, jnp.float32(0.5), jnp.full(v.shape, 1.5, dtype)):
+        got, want = clamp(v, vmax), jnp.clip(v, -vmax, vmax)
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(_bits(got), _bits(want))
+
+
+def test_wrap_known_answers():
+    x = jnp.array([1.25, -0.25, 3.5, 1.0, 0.0, -1.0, 0.999])
+    np.testing.assert_allclose(
+        bounds.wrap(x, 0.0, 1.0), [0.25, 0.75, 0.5, 0.0, 0.0, 0.0, 0.999], rtol=1e-6
+    )
+    # per-coordinate boxes
+    lo, hi = jnp.array([-1.0, 2.0]), jnp.array([1.0, 10.0])
+    np.testing.assert_allclose(bounds.wrap(jnp.array([1.5, 11.0]), lo, hi), [-0.5, 3.0])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_wrap_stays_in_box_and_agrees_with_mod(dtype):
+    """Inside [low, high) at every dtype, and on the torus where jnp.mod puts it."""
+    lo, hi = jnp.asarray(-5.0, dtype), jnp.asarray(5.0, dtype)
+    x = (jax.random.normal(jax.random.key(1), (100_000,)) * 40).astype(dtype)
+    x = jnp.concatenate([x, jnp.array([-5.0, 5.0, 15.0, -15.0, -55.03], dtype)])
+    w = bounds.wrap(x, lo, hi)
+    assert w.dtype == x.dtype
+    assert bool(jnp.all((w >= lo) & (w < hi)))
+    ref = np.mod(np.asarray(x, np.float64) + 5.0, 10.0) - 5.0
+    gap = np.abs(np.asarray(w, np.float64) - ref)
+    gap = np.minimum(gap, 10.0 - gap)  # distance on the torus
+    # two roundings (x - low, and the remainder) of the largest |x|'s size
+    tol = 2 * float(jnp.finfo(dtype).eps) * float(jnp.max(jnp.abs(x)))
+    assert gap.max() <= tol, (gap.max(), tol)
