@@ -167,9 +167,13 @@ operand, such as `min`/`max` against a scalar) into every consumer. Hence:
   fusion on the CPU), an opaque `lax.cond` to materialise the velocity or the
   move (one copy fewer, 1.87-2.0x), the velocity as the move `x_new - x`,
   a one-trip `while_loop`, and updating row chunks in a `lax.map` or a
-  `fori_loop` (3.8x and worse: whole-array copies per chunk). With one
-  materialised velocity the floor is about 1.4x (one more read of x and v
-  and one copy); 1.2x needs a fusion with two outputs.
+  `fori_loop` (3.8x and worse: whole-array copies per chunk). By the op
+  times above, one materialised velocity would leave about 1.4x (the velocity
+  loop, then two loops each reading x and v, and one copy): an estimate, not
+  a measurement; 1.2x needs a loop with two outputs. A lazy rule (keep the
+  velocity, zero it at the next step where x sits on a wall) would make the
+  clip walls as cheap as the periodic ones, but no such rule exists for
+  reflection, whose positions leave the wall.
 """
 
 
