@@ -62,8 +62,9 @@ def wrap(x, low, high):
     """``x`` wrapped onto the torus ``[low, high)`` (periodic walls).
 
     ``low + (x - low) mod (high - low)``, written with ``floor`` rather than
-    ``jnp.mod``: XLA:CPU's remainder is a scalar libm call, 4x slower than the
-    whole rest of a swarm step's update (measured at 256 x 1e5). Rounding can
+    ``jnp.mod``: XLA:CPU's remainder is a scalar call per element, which made a
+    swarm step with periodic walls 4.2x the unbounded one, against 1.06x now
+    (``benchmarks/results/bound_cost.md``, 256 x 1e5). Rounding can
     land a hair outside the box (``floor`` of a quotient that rounded up, or a
     remainder equal to the width): a remainder below zero takes one more width,
     and whatever is still outside goes to ``low``.
