@@ -21,7 +21,7 @@ the step (from a ``jax.profiler`` trace, read back from its Perfetto JSON).
 Usage::
 
     PYTHONPATH=. .venv/bin/python benchmarks/bound_cost.py [--n 256] [--d 100000] \
-        [--before] [--out benchmarks/results]
+        [--before] [--profile] [--out benchmarks/results]
 """
 
 from __future__ import annotations
@@ -101,14 +101,11 @@ def build(case: dict, n: int, d: int, steps: int, before: bool):
 
 
 def build_all(args) -> dict:
-    names = list(CASES)
     progs = {}
-    for name in names:
-        progs[name] = build(CASES[name], args.n, args.d, args.steps, False)
+    for name, case in CASES.items():
+        progs[name] = build(case, args.n, args.d, args.steps, False)
         if args.before and name != "unbounded":
-            progs[f"{name} (before)"] = build(
-                CASES[name], args.n, args.d, args.steps, True
-            )
+            progs[f"{name} (before)"] = build(case, args.n, args.d, args.steps, True)
     return progs
 
 

@@ -67,7 +67,7 @@ def wrap(x, low, high):
     (``benchmarks/results/bound_cost.md``, 256 x 1e5). Rounding can
     land a hair outside the box (``floor`` of a quotient that rounded up, or a
     remainder equal to the width): a remainder below zero takes one more width,
-    and whatever is still outside goes to ``low``.
+    and one that reaches ``high`` goes to ``low``.
 
     >>> import jax.numpy as jnp
     >>> wrap(jnp.array([1.25, -0.25, 3.5, 1.0]), 0.0, 1.0).tolist()
@@ -77,7 +77,7 @@ def wrap(x, low, high):
     shifted = x - low
     wrapped = low + (shifted - width * jnp.floor(shifted / width))
     wrapped = jnp.where(wrapped < low, wrapped + width, wrapped)
-    wrapped = jnp.where((wrapped >= high) | (wrapped < low), low, wrapped)
+    wrapped = jnp.where(wrapped >= high, low, wrapped)
     return wrapped.astype(jnp.result_type(x))
 
 
